@@ -1,0 +1,442 @@
+"""Noise level and calcium kinetics of traces: PSD noise per trace or per pixel, AR coefficients, decay/rise times.
+
+First step of the temporal side: `sn` (per pixel, per trace) and `g` feed deconvolution and the spatial update.
+
+The noise standard deviation comes from the one-sided periodogram P(f) = (2/T)|FFT(y - mean y)(f)|^2 averaged over the
+upper frequencies, where calcium transients have almost no power (for white noise of variance s^2, E[P] = 2 s^2, so
+sn = sqrt(avg P / 2)). The AR coefficients come from the autocovariance with the white-noise term removed at lag 0, a
+least-squares Yule-Walker fit over a few extra lags, and a guard that makes the kernel stable, decaying and
+non-oscillating. CaImAn users: `estimate_noise` replaces `noise_range`/`noise_method` (`freq_range`, `method`),
+`estimate_ar` replaces `estimate_time_constant` (`p`, `lags`), and `tau_to_ar`/`ar_to_tau` replace the conversions
+done around `decay_time`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import MovieError, ParameterError
+
+EULER_GAMMA = 0.5772156649015329
+"""E[log X] = log E[X] - EULER_GAMMA for an exponentially distributed X (the periodogram of noise)."""
+
+NOISE_METHODS = ("logmexp", "mean", "median")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# noise level
+
+
+def _check_noise_args(freq_range, method) -> tuple[float, float]:
+    if method not in NOISE_METHODS:
+        raise ParameterError(f"method={method!r}: expected one of {NOISE_METHODS}.")
+    try:
+        lo, hi = (float(v) for v in freq_range)
+    except (TypeError, ValueError):
+        raise ParameterError(
+            f"freq_range={freq_range!r}: expected two numbers (lo, hi), fractions of the sampling rate, "
+            "e.g. (0.25, 0.5)."
+        ) from None
+    if not 0.0 <= lo < hi <= 0.5:
+        raise ParameterError(
+            f"freq_range={freq_range!r}: need 0 <= lo < hi <= 0.5 (fractions of the sampling rate; 0.5 is Nyquist)."
+        )
+    return lo, hi
+
+
+def _band_bins(T: int, freq_range: tuple[float, float]) -> np.ndarray:
+    """Indices of the rfft bins k with lo <= k/T <= hi, excluding 0 and the Nyquist bin.
+
+    **Arguments:**
+    - `T`: number of frames (the FFT length).
+    - `freq_range`: (lo, hi) as fractions of the sampling rate.
+
+    **Returns:** an int array of bin indices (static: depends on shapes only).
+    """
+    lo, hi = freq_range
+    k = np.arange(T // 2 + 1)
+    f = k / T
+    keep = (f >= lo) & (f <= hi) & (f > 0) & (2 * k < T)
+    return k[keep]
+
+
+def _to_float(y) -> jax.Array:
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.float32)
+    return y
+
+
+def _masked_centred(y: jax.Array, length) -> tuple[jax.Array, jax.Array]:
+    """Mean-removed trace with the frames at or after `length` set to 0, and the number of valid frames."""
+    T = y.shape[-1]
+    if length is None:
+        return y - jnp.mean(y, axis=-1, keepdims=True), jnp.asarray(T, y.dtype)
+    n = jnp.asarray(length)
+    valid = jnp.arange(T) < n[..., None]
+    y0 = jnp.where(valid, y, 0)
+    nf = n.astype(y.dtype)
+    mean = jnp.sum(y0, axis=-1, keepdims=True) / nf[..., None]
+    return jnp.where(valid, y0 - mean, 0), nf
+
+
+def _band_periodogram(y: jax.Array, freq_range, length=None) -> jax.Array:
+    """One-sided periodogram P(f) = (2/n)|FFT(y - mean)|^2 at the FFT bins inside `freq_range` (last axis).
+
+    With `length`, frames from `length` on are padding: the trace is zero-padded, so P is the periodogram of the
+    first `length` frames sampled on the finer grid k/T (each value still has mean 2 s^2 for white noise).
+
+    **Returns:** array (..., bins).
+    """
+    T = y.shape[-1]
+    bins = _band_bins(T, freq_range)
+    if bins.size == 0:
+        raise ParameterError(
+            f"estimate_noise: a trace of {T} frames has no frequency bin in freq_range={tuple(freq_range)}; "
+            "use longer traces (at least 4 frames) or a wider freq_range."
+        )
+    yc, n = _masked_centred(y, length)
+    spec = jnp.fft.rfft(yc, axis=-1)[..., bins]
+    return (2.0 / n[..., None]) * (spec.real**2 + spec.imag**2)
+
+
+def _band_statistic(P: jax.Array, method: str) -> jax.Array:
+    """The per-trace statistic that is averaged (over chunks) before `_finish_noise`: mean P, median P / ln 2, or
+    mean log P."""
+    if method == "mean":
+        return jnp.mean(P, axis=-1)
+    if method == "median":
+        return jnp.median(P, axis=-1) / math.log(2.0)
+    return jnp.mean(jnp.log(P), axis=-1)
+
+
+def _finish_noise(stat: jax.Array, method: str) -> jax.Array:
+    """sn = sqrt(avg P / 2) from the averaged statistic of `_band_statistic`."""
+    avg = jnp.exp(stat + EULER_GAMMA) if method == "logmexp" else stat
+    return jnp.sqrt(avg / 2.0)
+
+
+@functools.partial(jax.jit, static_argnames=("freq_range", "method"))
+def _estimate_noise(y, length, freq_range, method):
+    P = _band_periodogram(y, freq_range, length)
+    return _finish_noise(_band_statistic(P, method), method)
+
+
+def estimate_noise(y, *, freq_range=(0.25, 0.5), method: str = "logmexp", length=None) -> jax.Array:
+    """Noise standard deviation of each trace, from its power spectral density at high frequencies.
+
+    Along the last axis of `y` (any batch shape); jit-compiled, usable inside `jit`/`vmap`. With P(f) the one-sided
+    periodogram (2/T)|FFT(y - mean y)|^2 at the bins with lo <= f <= hi (0 and Nyquist excluded), the average of P
+    is its mean, its median / ln 2, or exp(mean log P + 0.5772) ("logmexp", robust to a few large values), and
+    sn = sqrt(average / 2). Non-finite values give a non-finite result; a constant trace gives 0.
+
+    **Arguments:**
+    - `y`: array (..., T) of traces (integer input is treated as float32; otherwise the input dtype is kept).
+    - `freq_range`: (lo, hi), fractions of the sampling rate, 0 <= lo < hi <= 0.5 (CaImAn's `noise_range`).
+    - `method`: "logmexp" (default), "mean" or "median" (CaImAn's `noise_method`).
+    - `length`: optional int array broadcastable to the batch shape: only the first `length` frames of each trace are
+      data (the rest, e.g. NaN padding, is ignored). Each length must be at least 4.
+
+    **Returns:** array of the batch shape (...,) with the noise standard deviations.
+    """
+    freq_range = _check_noise_args(freq_range, method)
+    y = _to_float(y)
+    if y.ndim == 0:
+        raise ParameterError("estimate_noise: y is a scalar; expected traces with frames along the last axis.")
+    if length is not None:
+        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), y.shape[:-1])
+    return _estimate_noise(y, length, freq_range, method)
+
+
+def _movie_chunks(T: int, chunk_frames: int) -> list[tuple[int, int, float]]:
+    """Equal-length windows (start, stop, weight) covering 0..T: consecutive full windows, plus, when T is not a
+    multiple, one last window ending at T (overlapping the previous one) weighted by the fraction of new frames."""
+    L = min(int(chunk_frames), T)
+    n_full = T // L
+    windows = [(i * L, (i + 1) * L, 1.0) for i in range(n_full)]
+    rest = T - n_full * L
+    if rest:
+        windows.append((T - L, T, rest / L))
+    return windows
+
+
+@functools.partial(jax.jit, static_argnames=("freq_range", "method"))
+def _chunk_statistic(chunk, freq_range, method):
+    """Per-pixel band statistic of one (frames, H, W) chunk."""
+    y = jnp.moveaxis(chunk, 0, -1)
+    return _band_statistic(_band_periodogram(y, freq_range), method)
+
+
+def _read_window(movie, start: int, stop: int) -> np.ndarray:
+    if isinstance(movie, np.ndarray):
+        return np.asarray(movie[start:stop], dtype=np.float32)
+    return movie.read(start, stop)
+
+
+def estimate_noise_movie(
+    movie, *, chunk_frames: int = 1000, freq_range=(0.25, 0.5), method: str = "logmexp"
+) -> np.ndarray:
+    """Noise standard deviation of every pixel of a movie, streamed over chunks of frames (Welch-style).
+
+    The movie is read in windows of `chunk_frames` frames (the last window ends at the last frame and overlaps the
+    one before it, weighted by the fraction of its frames that are new), so it is never whole in memory. Each window
+    gives each pixel the statistic of `estimate_noise` (mean of P, median of P / ln 2, or mean of log P); these are
+    averaged over windows (each is an unbiased estimate of the same quantity for noise) and turned into sn.
+
+    **Arguments:**
+    - `movie`: a path (anything `jaxcnmf.io.open_movie` reads), a `MovieSource`, or an array (T, H, W).
+    - `chunk_frames`: frames per window (at least 8; the whole movie if it is shorter).
+    - `freq_range`, `method`: as in `estimate_noise`.
+
+    **Returns:** float32 numpy array (H, W): sn per pixel (CaImAn's `sn`).
+    """
+    freq_range = _check_noise_args(freq_range, method)
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, (int, np.integer)) or chunk_frames < 8:
+        raise ParameterError(f"chunk_frames={chunk_frames!r}: expected an integer of at least 8 frames per chunk.")
+    source = _as_movie(movie)
+    T, H, W = source.shape
+    total = np.zeros((H, W), np.float64)
+    for start, stop, weight in _movie_chunks(T, chunk_frames):
+        chunk = _read_window(source, start, stop)
+        if not np.isfinite(chunk).all():
+            raise MovieError(
+                f"estimate_noise_movie: {_name(movie)} has non-finite values in frames {start}..{stop - 1}; "
+                "repair them first (jaxcnmf.io.open_movie(..., nonfinite='repair'))."
+            )
+        total += weight * np.asarray(_chunk_statistic(jnp.asarray(chunk), freq_range, method), np.float64)
+    stat = total / (T / min(int(chunk_frames), T))
+    return np.asarray(_finish_noise(jnp.asarray(stat), method), np.float32)
+
+
+def _name(movie) -> str:
+    path = getattr(movie, "path", None)
+    if isinstance(movie, (str, bytes)) or hasattr(movie, "__fspath__"):
+        path = str(movie)
+    return repr(path) if path else "the movie"
+
+
+def _as_movie(movie):
+    """A `MovieSource` or a (T, H, W) numpy array, checked to have enough frames."""
+    if isinstance(movie, (np.ndarray, jax.Array)) or (
+        not hasattr(movie, "read") and not isinstance(movie, (str, bytes)) and not hasattr(movie, "__fspath__")
+    ):
+        arr = np.asarray(movie)
+        if arr.ndim != 3:
+            raise MovieError(f"estimate_noise_movie: expected a movie array (T, H, W), got shape {arr.shape}.")
+        source = arr
+        T = arr.shape[0]
+    elif hasattr(movie, "read") and hasattr(movie, "shape"):
+        source = movie
+        T = movie.shape[0]
+    else:
+        from .io import open_movie
+
+        source = open_movie(movie, min_frames=8)
+        T = source.shape[0]
+    if T < 8:
+        raise MovieError(f"estimate_noise_movie: {_name(movie)} has {T} frames; need at least 8 to estimate noise.")
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AR kinetics
+
+
+def _autocovariance(y: jax.Array, max_lag: int, length=None) -> jax.Array:
+    """Biased autocovariance r(k) = (1/n) sum_t yc_t yc_{t+k}, k = 0..max_lag, of the mean-removed trace (last axis)."""
+    yc, n = _masked_centred(y, length)
+    T = y.shape[-1]
+    r = [jnp.sum(yc[..., : T - k] * yc[..., k:], axis=-1) for k in range(max_lag + 1)]
+    return jnp.stack(r, axis=-1) / n[..., None]
+
+
+def _yule_walker_lstsq(r: jax.Array, sn2: jax.Array, n: jax.Array, p: int) -> jax.Array:
+    """Least-squares solution of r(k) = sum_j g_j r_c(|k-j|), k = 1..m, with r_c(0) = max(r(0) - sn^2, 0) (one trace).
+
+    The fit is ridge-regularised with weight m sn^4 / n, the sampling variance that white noise alone puts on m
+    autocovariances of an n-frame trace: negligible when the calcium stands out of the noise, it shrinks g towards
+    0 when it does not (white noise), where the plain least-squares problem is ill-posed.
+    """
+    m = r.shape[-1] - 1
+    rc = r.at[0].set(jnp.maximum(r[0] - sn2, 0.0))
+    k = np.arange(1, m + 1)[:, None]
+    j = np.arange(1, p + 1)[None, :]
+    M = rc[np.abs(k - j)]
+    ridge = m * sn2 * sn2 / n + jnp.finfo(r.dtype).tiny
+    return jnp.linalg.solve(M.T @ M + ridge * jnp.eye(p, dtype=r.dtype), M.T @ r[1:])
+
+
+def _safe_sqrt(x):
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def ar_roots(g) -> jax.Array:
+    """Roots of z^p - g_1 z^(p-1) - ... - g_p for p = 1 or 2, largest first; a complex pair gives its real part twice.
+
+    **Arguments:**
+    - `g`: array (..., p) of AR coefficients.
+
+    **Returns:** array (..., p) of real roots (the decay factors per frame).
+    """
+    g = jnp.asarray(g)
+    if g.shape[-1] == 1:
+        return g
+    g1, g2 = g[..., 0], g[..., 1]
+    half = _safe_sqrt(g1 * g1 + 4.0 * g2) / 2.0
+    return jnp.stack([g1 / 2.0 + half, g1 / 2.0 - half], axis=-1)
+
+
+def _roots_to_ar(roots: jax.Array) -> jax.Array:
+    if roots.shape[-1] == 1:
+        return roots
+    d, r = roots[..., 0], roots[..., 1]
+    return jnp.stack([d + r, -d * r], axis=-1)
+
+
+def guard_ar(g, *, max_root: float = 0.999) -> jax.Array:
+    """Nearest stable, decaying, non-oscillating AR kernel, by a fixed rule on the roots.
+
+    The rule: (1) a complex pair r e^(+-i theta) (an oscillating kernel) is replaced by a double real root at its real
+    part g_1/2 (same sum of roots: g_2 is moved to the boundary -g_1^2/4); (2) each real root is clipped into
+    [0, max_root] (a negative root alternates sign, a root >= 1 does not decay); (3) g is rebuilt from the roots.
+    A valid kernel is returned unchanged. No Python branching on values (jit/vmap safe).
+
+    **Arguments:**
+    - `g`: array (..., p), p = 1 or 2.
+    - `max_root`: the largest allowed root (decay factor per frame); 0.999 is a decay time of 1000 frames.
+
+    **Returns:** array (..., p) with roots in [0, max_root].
+    """
+    g = jnp.asarray(g)
+    return _roots_to_ar(jnp.clip(ar_roots(g), 0.0, max_root))
+
+
+@functools.partial(jax.jit, static_argnames=("p", "lags", "max_root"))
+def _estimate_ar(y, sn, length, p, lags, max_root):
+    r = _autocovariance(y, p + lags, length)
+    batch = r.shape[:-1]
+    n = jnp.broadcast_to(jnp.asarray(y.shape[-1] if length is None else length, y.dtype), batch)
+    solve = jax.vmap(lambda ri, si, ni: _yule_walker_lstsq(ri, si * si, ni, p))
+    g = solve(r.reshape(-1, p + lags + 1), sn.reshape(-1), n.reshape(-1))
+    return guard_ar(g.reshape(*batch, p), max_root=max_root)
+
+
+def estimate_ar(y, p: int = 2, *, sn=None, lags: int = 5, max_root: float = 0.999, length=None) -> jax.Array:
+    """AR(p) coefficients of the calcium in noisy traces: Yule-Walker on the noise-corrected autocovariance.
+
+    The autocovariance r(k) (k = 0..p+lags) of the mean-removed trace has the white-noise variance only at lag 0, so
+    with r_c(0) = r(0) - sn^2 the equations r(k) = sum_j g_j r_c(|k-j|), k = 1..p+lags, are solved in least squares,
+    then `guard_ar` makes the kernel stable, decaying and non-oscillating (roots real, in [0, max_root]). Along the
+    last axis of `y`, any batch shape; jit-compiled, usable inside `jit`/`vmap`.
+
+    **Arguments:**
+    - `y`: array (..., T) of traces.
+    - `p`: 1 or 2, the AR order (CaImAn's `p`).
+    - `sn`: noise standard deviation per trace (batch shape); estimated with `estimate_noise` when None.
+    - `lags`: number of extra lags beyond p in the least-squares fit (CaImAn's `lags`).
+    - `max_root`: largest allowed root (see `guard_ar`).
+    - `length`: optional per-trace number of valid frames (the rest is padding), as in `estimate_noise`.
+
+    **Returns:** array (..., p) of AR coefficients g.
+    """
+    if p not in (1, 2):
+        raise ParameterError(f"p={p!r}: only AR(1) and AR(2) kernels are supported (p=1 or p=2).")
+    if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
+        raise ParameterError(f"lags={lags!r}: expected a non-negative integer number of extra lags.")
+    if not 0.0 < float(max_root) < 1.0:
+        raise ParameterError(f"max_root={max_root!r}: expected a number in (0, 1).")
+    y = _to_float(y)
+    if y.ndim == 0 or y.shape[-1] < p + lags + 2:
+        raise ParameterError(
+            f"estimate_ar: traces of shape {y.shape} are too short for p={p} with lags={lags}; "
+            f"need at least {p + lags + 2} frames."
+        )
+    if length is not None:
+        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), y.shape[:-1])
+    if sn is None:
+        sn = estimate_noise(y, length=length)
+    sn = jnp.broadcast_to(jnp.asarray(sn, y.dtype), y.shape[:-1])
+    return _estimate_ar(y, sn, length, int(p), int(lags), float(max_root))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kinetics in seconds
+
+
+def _is_zero_or_none(x) -> bool:
+    if x is None:
+        return True
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return bool(np.all(np.asarray(x) == 0))
+
+
+def tau_to_ar(tau_decay, tau_rise=None, fps: float = 1.0, *, p: int | None = None) -> jax.Array:
+    """AR coefficients of a kernel with the given decay (and rise) time in seconds.
+
+    AR(1): g = exp(-1 / (tau_decay fps)). AR(2): roots d = exp(-1/(tau_decay fps)), r = exp(-1/(tau_rise fps)),
+    g = (d + r, -d r). A time of 0 gives a root of 0.
+
+    **Arguments:**
+    - `tau_decay`: decay time constant(s) in seconds (scalar or array).
+    - `tau_rise`: rise time constant(s) in seconds; None or 0 gives AR(1) unless `p=2` is asked for.
+    - `fps`: frame rate in Hz.
+    - `p`: force the order (1 or 2); by default 1 when `tau_rise` is None or 0, else 2.
+
+    **Returns:** array (..., p) of AR coefficients.
+    """
+    if p is None:
+        p = 1 if _is_zero_or_none(tau_rise) else 2
+    if p not in (1, 2):
+        raise ParameterError(f"p={p!r}: only AR(1) and AR(2) kernels are supported (p=1 or p=2).")
+    if p == 1 and not _is_zero_or_none(tau_rise):
+        raise ParameterError(f"tau_rise={tau_rise!r} with p=1: an AR(1) kernel has no rise time; use p=2.")
+    tau_decay = _to_float(tau_decay)
+    root = lambda tau: jnp.exp(-1.0 / (jnp.asarray(tau, tau_decay.dtype) * fps))  # noqa: E731  tau = 0 -> root 0
+    d = root(tau_decay)
+    if p == 1:
+        return d[..., None]
+    r = root(0.0 if tau_rise is None else tau_rise)
+    d, r = jnp.broadcast_arrays(d, r)
+    return _roots_to_ar(jnp.stack([d, r], axis=-1))
+
+
+def ar_to_tau(g, fps: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Decay and rise times in seconds of an AR(1) or AR(2) kernel (the inverse of `tau_to_ar`).
+
+    tau = -1 / (fps log root) for each root (a root of 0 gives 0); for AR(1) the rise time is 0. The kernel should
+    be valid (roots real in [0, 1), e.g. from `estimate_ar` or `guard_ar`); a complex pair is read as its real part.
+
+    **Arguments:**
+    - `g`: array (..., p), p = 1 or 2.
+    - `fps`: frame rate in Hz.
+
+    **Returns:** (tau_decay, tau_rise), arrays of the batch shape.
+    """
+    g = _to_float(g)
+    if g.ndim == 0:
+        g = g[None]
+    if g.shape[-1] not in (1, 2):
+        raise ParameterError(f"g of shape {g.shape}: expected AR coefficients (..., p) with p = 1 or 2.")
+    roots = ar_roots(g)
+    tau = -1.0 / (fps * jnp.log(roots))
+    if g.shape[-1] == 1:
+        return tau[..., 0], jnp.zeros_like(tau[..., 0])
+    return tau[..., 0], tau[..., 1]
+
+
+__all__ = [
+    "estimate_noise",
+    "estimate_noise_movie",
+    "estimate_ar",
+    "guard_ar",
+    "ar_roots",
+    "tau_to_ar",
+    "ar_to_tau",
+]
