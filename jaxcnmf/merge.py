@@ -1,0 +1,178 @@
+"""Merging of components that are one neuron split in two, and removal of empty or degenerate components.
+
+It sits in the fit loop after the temporal update (`fit.py` composes the stages); a merged component is refitted as
+the rank-1 non-negative factorisation of its parts' joint contribution and re-deconvolved by the next temporal update.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+from jaxtyping import Array, Float
+
+_EPS = 1e-12
+
+
+class MergeResult(eqx.Module):
+    """What `merge_components` returns.
+
+    **Fields:**
+
+    - `A`: `(d, K')` footprints after merging (unit l2 norm for merged ones; the others unchanged).
+    - `C`: `(K', T)` traces after merging.
+    - `source`: `(K',)` int, for each output component the index of the input component it replaces (the first
+      member of its merged set); use it to carry per-component fields (g, S, ...) over.
+    - `merged`: `(K',)` bool, whether each output component is a merge of several inputs (its trace needs a new
+      deconvolution).
+    - `groups`: tuple of tuples of input indices that were merged (static, for reporting).
+    """
+
+    A: Float[Array, "d K"]
+    C: Float[Array, "K T"]
+    source: np.ndarray
+    merged: np.ndarray
+    groups: tuple = eqx.field(static=True, default=())
+
+
+def trace_correlation(C: np.ndarray) -> np.ndarray:
+    """Pearson correlation between the rows of `C`; rows with zero variance correlate 0 with everything.
+
+    **Arguments:**
+
+    - `C`: `(K, T)` traces.
+
+    **Returns:** `(K, K)` correlation matrix (numpy, float64).
+    """
+    C = np.asarray(C, np.float64)
+    Cc = C - C.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(Cc, axis=1)
+    ok = norms > _EPS * max(1.0, float(np.abs(C).max(initial=0.0)))
+    Cn = np.where(ok[:, None], Cc / np.where(ok, norms, 1.0)[:, None], 0.0)
+    return Cn @ Cn.T
+
+
+def merge_groups(A: np.ndarray, C: np.ndarray, *, thr: float = 0.85) -> list[list[int]]:
+    """Sets of components to merge: connected parts of the graph "footprints overlap AND traces correlate > thr".
+
+    **Arguments:**
+
+    - `A`: `(d, K)` footprints; `C`: `(K, T)` traces (host arrays).
+    - `thr`: correlation threshold (CaImAn's `merge_thr`).
+
+    **Returns:** list of sorted index lists, each with at least two members.
+    """
+    A = np.asarray(A)
+    K = A.shape[1]
+    if K < 2:
+        return []
+    support = (A > 0).astype(np.float32)
+    overlap = (support.T @ support) > 0
+    linked = overlap & (trace_correlation(C) > thr)
+    np.fill_diagonal(linked, False)
+    n, labels = scipy.sparse.csgraph.connected_components(scipy.sparse.csr_matrix(linked), directed=False)
+    sets = [sorted(np.flatnonzero(labels == i).tolist()) for i in range(n)]
+    return sorted([s for s in sets if len(s) > 1])
+
+
+@functools.partial(jax.jit, static_argnames="n_iter")
+def rank1_nmf(A_S: Array, C_S: Array, n_iter: int = 30) -> tuple[Array, Array]:
+    """Best rank-1 non-negative approximation `a c` of `A_S C_S` (alternating non-negative least squares).
+
+    Works on the factors only: `c <- max(0, (a' A_S) C_S / a'a)`, `a <- max(0, A_S (C_S c') / c c')`, so the
+    `(d, T)` product is never formed. Starts from `a` = the footprints weighted by their traces' norms.
+
+    **Arguments:**
+
+    - `A_S`: `(d, m)` footprints of the set; `C_S`: `(m, T)` their traces.
+    - `n_iter`: number of alternating steps.
+
+    **Returns:** `(a (d,), c (T,))` with `||a|| = 1` (or all zero when the product is zero).
+    """
+    a = A_S @ jnp.linalg.norm(C_S, axis=1)
+    a = a / jnp.maximum(jnp.linalg.norm(a), _EPS)
+
+    def step(_, ac):
+        a, _ = ac
+        c = jnp.maximum((a @ A_S) @ C_S / jnp.maximum(a @ a, _EPS), 0.0)
+        a = jnp.maximum(A_S @ (C_S @ c) / jnp.maximum(c @ c, _EPS), 0.0)
+        return a, c
+
+    a, c = jax.lax.fori_loop(0, n_iter, step, (a, jnp.zeros(C_S.shape[1], A_S.dtype)))
+    c = jnp.maximum((a @ A_S) @ C_S / jnp.maximum(a @ a, _EPS), 0.0)  # c optimal for the final a
+    norm = jnp.linalg.norm(a)
+    return a / jnp.maximum(norm, _EPS), c * norm
+
+
+def merge_components(
+    A: Float[Array, "d K"],
+    C: Float[Array, "K T"],
+    *,
+    thr: float = 0.85,
+    n_iter: int = 30,
+    groups: list[list[int]] | None = None,
+) -> MergeResult:
+    """Merge components whose footprints overlap and whose traces correlate above `thr` (CaImAn's `merge_thr`).
+
+    Each connected set of such components (`merge_groups`) is replaced by the rank-1 non-negative factorisation of
+    its joint contribution `sum_k a_k c_k` (`rank1_nmf`), placed at the position of its first member; the other
+    members are dropped. The merged traces are not deconvolved here: the next `update_temporal` does it (see
+    `MergeResult.merged`). Runs the grouping on the host (a graph's connected components).
+
+    **Arguments:**
+
+    - `A`: `(d, K)` non-negative footprints; `C`: `(K, T)` traces.
+    - `thr`: correlation above which overlapping components are merged.
+    - `n_iter`: alternating steps of the rank-1 factorisation.
+    - `groups`: optional precomputed merge sets (skips `merge_groups`).
+
+    **Returns:** a `MergeResult` (`A`, `C`, `source`, `merged`, `groups`); with nothing to merge, `A` and `C` are
+    returned unchanged.
+    """
+    K = A.shape[1]
+    if groups is None:
+        groups = merge_groups(np.asarray(A), np.asarray(C), thr=thr)
+    if not groups:
+        return MergeResult(A=A, C=C, source=np.arange(K), merged=np.zeros(K, bool), groups=())
+    A = jnp.asarray(A)
+    C = jnp.asarray(C)
+    drop = np.zeros(K, bool)
+    merged = np.zeros(K, bool)
+    for s in groups:
+        idx = jnp.asarray(s)
+        a, c = rank1_nmf(A[:, idx], C[idx], n_iter)
+        A = A.at[:, s[0]].set(a)
+        C = C.at[s[0]].set(c)
+        drop[s[1:]] = True
+        merged[s[0]] = True
+    keep = np.flatnonzero(~drop)
+    return MergeResult(A=A[:, keep], C=C[keep], source=keep, merged=merged[keep],
+                       groups=tuple(tuple(s) for s in groups))
+
+
+def degenerate_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, rel_tol: float = 1e-6) -> np.ndarray:
+    """Which components are empty or broken: a zero (or tiny) footprint or trace, or any non-finite value.
+
+    A footprint or trace counts as zero when its norm times the other's is below `rel_tol` times the largest such
+    product over components (scale-free, so it works for any movie units).
+
+    **Arguments:**
+
+    - `A`: `(d, K)` footprints; `C`: `(K, T)` traces.
+    - `rel_tol`: relative size below which a component's contribution `||a_k|| ||c_k||` counts as zero.
+
+    **Returns:** `(K,)` bool numpy array, True for components to remove.
+    """
+    A = np.asarray(A)
+    C = np.asarray(C)
+    finite = np.isfinite(A).all(axis=0) & np.isfinite(C).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        size = np.linalg.norm(np.where(np.isfinite(A), A, 0), axis=0) * np.linalg.norm(
+            np.where(np.isfinite(C), C, 0), axis=1)
+    top = size.max(initial=0.0)
+    return ~finite | (size <= rel_tol * top) | (size <= 0)

@@ -1,0 +1,83 @@
+"""Merging: a split neuron is put back together, unrelated neighbours are not; rank-1 fit vs the exact SVD."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnmf.merge import degenerate_components, merge_components, merge_groups, rank1_nmf
+
+
+def _blob(H, W, r, c, s):
+    y, x = np.mgrid[:H, :W]
+    a = np.exp(-((y - r) ** 2 + (x - c) ** 2) / (2 * s**2))
+    return np.where(a > 0.05, a, 0.0)
+
+
+def _spikes(rng, T, rate=0.05, tau=8.0):
+    s = (rng.random(T) < rate) * rng.uniform(0.5, 1.5, T)
+    return np.convolve(s, np.exp(-np.arange(60) / tau))[:T]
+
+
+def test_rank1_nmf_matches_truncated_svd():
+    """For a non-negative product the best rank-1 approximation is non-negative (Perron-Frobenius): compare with SVD."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        A_S = rng.random((40, 3)) * (rng.random((40, 3)) < 0.6)
+        C_S = rng.random((3, 50))
+        a, c = rank1_nmf(jnp.asarray(A_S), jnp.asarray(C_S), n_iter=500)
+        M = A_S @ C_S
+        u, s, vt = np.linalg.svd(M)
+        best = s[0] * np.outer(u[:, 0], vt[0])
+        np.testing.assert_allclose(np.outer(a, c), best, atol=1e-8 * np.abs(best).max())
+        assert np.isclose(np.linalg.norm(a), 1.0)
+
+
+def test_split_neuron_is_merged_and_neighbours_are_not():
+    rng = np.random.default_rng(1)
+    H = W = 24
+    T = 300
+    a = _blob(H, W, 8, 8, 2.5)
+    ramp = np.clip((10.0 - np.arange(W)) / 4.0, 0.0, 1.0)[None, :]  # the halves share a 3-px band
+    left = a * ramp
+    right = a - left
+    c = _spikes(rng, T)
+    other = _blob(H, W, 9, 12, 2.5)  # overlaps `a` but fires independently
+    far = _blob(H, W, 19, 19, 2.5)  # fires with `a` but does not overlap it
+    A = np.stack([left.ravel(), other.ravel(), right.ravel(), far.ravel()], axis=1)
+    C = np.stack([c, _spikes(rng, T), c + 0.01 * rng.normal(size=T), c])
+    assert merge_groups(A, C, thr=0.85) == [[0, 2]]
+    with jax.enable_x64(True):
+        res = merge_components(jnp.asarray(A), jnp.asarray(C), thr=0.85, n_iter=100)
+    assert res.A.shape == (H * W, 3) and res.C.shape == (3, T)
+    np.testing.assert_array_equal(res.source, [0, 1, 3])
+    np.testing.assert_array_equal(res.merged, [True, False, False])
+    a_hat = np.asarray(res.A[:, 0])
+    cos = a_hat @ a.ravel() / np.linalg.norm(a)
+    assert cos > 0.999
+    assert np.corrcoef(np.asarray(res.C[0]), c)[0, 1] > 0.999
+    # the joint contribution is preserved
+    joint = np.outer(left.ravel(), C[0]) + np.outer(right.ravel(), C[2])
+    err = np.linalg.norm(np.outer(a_hat, res.C[0]) - joint) / np.linalg.norm(joint)
+    assert err < 0.01
+    # unmerged components pass through unchanged
+    np.testing.assert_array_equal(np.asarray(res.A[:, 1]), A[:, 1])
+
+
+def test_nothing_to_merge_returns_inputs():
+    rng = np.random.default_rng(2)
+    A = np.stack([_blob(20, 20, 5, 5, 2).ravel(), _blob(20, 20, 14, 14, 2).ravel()], axis=1)
+    C = np.stack([_spikes(rng, 200), _spikes(rng, 200)])
+    res = merge_components(A, C)
+    assert res.A is A and res.C is C and res.groups == ()
+
+
+def test_degenerate_components():
+    A = np.ones((10, 4))
+    C = np.ones((4, 20))
+    A[:, 1] = 0.0
+    C[2] = 0.0
+    A[3, 3] = np.nan
+    np.testing.assert_array_equal(degenerate_components(A, C), [False, True, True, True])
+    assert degenerate_components(np.zeros((5, 0)), np.zeros((0, 7))).shape == (0,)
