@@ -73,10 +73,15 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(scores))
     with _atomic_output(output) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(scores, fh, indent=1, allow_nan=False)
-            fh.write("\n")
+            fh.write(to_json(scores))
     print(f"scores written to {output}")
     return 0
+
+
+def to_json(scores: dict) -> str:
+    """Strict JSON (no NaN), one key per line with compact values, so per-pair lists stay readable."""
+    lines = [f" {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in scores.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def format_table(scores: dict) -> str:
