@@ -388,7 +388,7 @@ def test_cli_score_prints_table_and_writes_json(tmp_path, monkeypatch, capsys):
     assert scores["pairs"] == [[0, 1], [1, 0], [2, 2], [3, 3]]
     assert scores["calcium_corr_median"] == pytest.approx(1.0, abs=1e-6)
     assert scores["fps"] == 30.0 and scores["spike_bin_s"] == pytest.approx(0.04)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.npz", "fit_scores.json", "movie_truth.npz"]
 
     rc = main(["score", str(tmp_path / "fit.npz"), "--truth", str(tmp_path / "movie_truth.npz"),
                "--method", "centroid", "-o", str(tmp_path / "c.json")])
