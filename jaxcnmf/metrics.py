@@ -428,7 +428,7 @@ def load_truth_arrays(truth: Any) -> dict[str, Any]:
                                   "`jaxcnmf simulate`")
         try:
             with np.load(path, allow_pickle=False) as z:
-                src = {k: z[k] for k in z.files}
+                src = {k: z[k] for k in ("A", "C", "S", "fps") if k in z.files}
         except Exception as e:  # zipfile/pickle/OS errors all mean the same to the user
             raise ResultFileError(f"truth file {str(path)!r} could not be read as .npz ({e}); give the "
                                   "`*_truth.npz` written by `jaxcnmf simulate`") from None
