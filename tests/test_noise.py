@@ -1,0 +1,325 @@
+"""Tests of jaxcnmf.noise: PSD noise (per trace, streamed per pixel), AR estimation and its guard, tau <-> g."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.signal import lfilter
+
+from jaxcnmf.errors import MovieError, ParameterError
+from jaxcnmf.noise import (
+    _estimate_noise,
+    _movie_chunks,
+    ar_roots,
+    ar_to_tau,
+    estimate_ar,
+    estimate_noise,
+    estimate_noise_movie,
+    guard_ar,
+    tau_to_ar,
+)
+
+METHODS = ("logmexp", "mean", "median")
+
+
+def calcium(rng, g, n_traces, T, rate=0.05):
+    """AR(p) calcium driven by Bernoulli spikes (float64), shape (n_traces, T)."""
+    s = (rng.random((n_traces, T)) < rate).astype(float)
+    return lfilter([1.0], np.r_[1.0, -np.asarray(g, float)], s, axis=-1)
+
+
+def reference_noise(y, freq_range, method):
+    """Slow float64 reference: explicit DFT sums at the band frequencies k/T (0 and Nyquist excluded)."""
+    y = np.asarray(y, np.float64)
+    T = y.size
+    yc = y - y.mean()
+    t = np.arange(T)
+    P = []
+    for k in range(1, (T + 1) // 2):
+        f = k / T
+        if freq_range[0] <= f <= freq_range[1]:
+            re = np.sum(yc * np.cos(2 * np.pi * f * t))
+            im = np.sum(yc * np.sin(2 * np.pi * f * t))
+            P.append(2.0 / T * (re * re + im * im))
+    P = np.array(P)
+    avg = {"mean": P.mean(), "median": np.median(P) / math.log(2), "logmexp": np.exp(np.mean(np.log(P)) + 0.5772156649015329)}
+    return math.sqrt(avg[method] / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# estimate_noise
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_noise_matches_float64_reference(method):
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        for T, fr in [(301, (0.25, 0.5)), (256, (0.1, 0.4))]:
+            y = rng.normal(size=T) + np.linspace(0, 3, T)
+            got = float(estimate_noise(y, freq_range=fr, method=method))
+            assert got == pytest.approx(reference_noise(y, fr, method), rel=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_noise_unbiased_on_white_noise(method):
+    rng = np.random.default_rng(2)
+    sd = 0.7
+    y = (sd * rng.normal(size=(64, 4000))).astype(np.float32)
+    sn = np.asarray(estimate_noise(y, method=method))
+    assert sn.dtype == np.float32 and sn.shape == (64,)
+    assert np.mean(sn) / sd == pytest.approx(1.0, abs=0.02)
+    assert np.all(np.abs(sn / sd - 1) < 0.12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_noise_close_under_slow_calcium_and_drift(method):
+    rng = np.random.default_rng(3)
+    T = 6000
+    g = np.asarray(tau_to_ar(1.0, 0.1, 30.0, p=2), np.float64)
+    c = calcium(rng, g, 16, T, rate=0.03)
+    drift = np.sin(np.linspace(0, 4 * np.pi, T)) * 3.0
+    sd = 0.5
+    y = c / c.std() * 2.0 + drift + sd * rng.normal(size=c.shape)
+    sn = np.asarray(estimate_noise(y, method=method))
+    assert np.median(sn) / sd == pytest.approx(1.0, abs=0.05)
+
+
+def test_noise_batch_shapes_and_dtype():
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=(2, 3, 500)).astype(np.float32)
+    batched = np.asarray(estimate_noise(y))
+    assert batched.shape == (2, 3)
+    loop = np.array([[float(estimate_noise(y[i, j])) for j in range(3)] for i in range(2)])
+    np.testing.assert_allclose(batched, loop, rtol=1e-6)
+    assert np.asarray(estimate_noise(y[0, 0])).shape == ()
+    assert estimate_noise(np.arange(100, dtype=np.int16)).dtype == jnp.float32
+    assert float(estimate_noise(np.full(100, 3.0))) == 0.0  # constant trace
+    assert np.isnan(float(estimate_noise(np.r_[np.ones(50), np.nan, np.ones(49)])))
+    vm = jax.jit(jax.vmap(estimate_noise))(y.reshape(6, 500))
+    np.testing.assert_allclose(np.asarray(vm), batched.ravel(), rtol=1e-6)
+
+
+def test_noise_compiles_once_per_shape():
+    rng = np.random.default_rng(5)
+    before = _estimate_noise._cache_size()
+    for _ in range(3):
+        estimate_noise(rng.normal(size=(5, 333)).astype(np.float32))
+    assert _estimate_noise._cache_size() == before + 1
+
+
+def test_noise_with_length_ignores_padding():
+    rng = np.random.default_rng(6)
+    T = 3000
+    lengths = np.array([3000, 2200, 1500, 800])
+    y = rng.normal(size=(4, T))
+    padded = y.copy()
+    for i, n in enumerate(lengths):
+        padded[i, n:] = np.nan
+    got = np.asarray(estimate_noise(padded, length=lengths))
+    assert np.all(np.isfinite(got))
+    assert got[0] == pytest.approx(float(estimate_noise(y[0])), rel=1e-6)
+    trimmed = np.array([float(estimate_noise(y[i, :n])) for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(got, trimmed, rtol=0.06)
+    # unbiased on padded white noise
+    many = rng.normal(size=(64, T))
+    n = rng.integers(800, T, size=64)
+    assert np.mean(np.asarray(estimate_noise(many, length=n))) == pytest.approx(1.0, abs=0.02)
+
+
+def test_noise_bad_arguments():
+    y = np.zeros(100)
+    with pytest.raises(ParameterError, match="method"):
+        estimate_noise(y, method="max")
+    with pytest.raises(ParameterError, match="freq_range"):
+        estimate_noise(y, freq_range=(0.4, 0.2))
+    with pytest.raises(ParameterError, match="no frequency bin"):
+        estimate_noise(np.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# estimate_noise_movie
+
+
+class CountingSource:
+    """Stand-in for jaxcnmf.io.MovieSource that records every read."""
+
+    def __init__(self, movie):
+        self.movie = movie
+        self.shape = movie.shape
+        self.path = None
+        self.reads = []
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, start=0, stop=None):
+        stop = self.shape[0] if stop is None else stop
+        self.reads.append((start, stop))
+        return np.asarray(self.movie[start:stop], np.float32)
+
+
+def test_movie_chunks_cover_with_equal_windows():
+    assert _movie_chunks(2500, 1000) == [(0, 1000, 1.0), (1000, 2000, 1.0), (1500, 2500, 0.5)]
+    assert _movie_chunks(300, 1000) == [(0, 300, 1.0)]
+    assert _movie_chunks(2000, 1000) == [(0, 1000, 1.0), (1000, 2000, 1.0)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_movie_streamed_agrees_with_whole_trace(method):
+    rng = np.random.default_rng(7)
+    T, H, W = 2500, 6, 7
+    sd = rng.uniform(0.5, 3.0, size=(H, W))
+    movie = (rng.normal(size=(T, H, W)) * sd).astype(np.float32)
+    src = CountingSource(movie)
+    streamed = estimate_noise_movie(src, chunk_frames=1000, method=method)
+    assert streamed.shape == (H, W) and streamed.dtype == np.float32
+    assert src.reads == [(0, 1000), (1000, 2000), (1500, 2500)]  # never more than one chunk in memory
+    whole = np.asarray(estimate_noise(np.moveaxis(movie, 0, -1), method=method))
+    ratio = streamed / whole
+    assert np.mean(ratio) == pytest.approx(1.0, abs=0.02)
+    assert np.all(np.abs(ratio - 1) < 0.1)
+    assert np.mean(streamed / sd) == pytest.approx(1.0, abs=0.03)
+    # one window holding the whole movie is exactly the whole-trace estimate
+    np.testing.assert_allclose(estimate_noise_movie(movie, chunk_frames=T, method=method), whole, rtol=1e-5)
+
+
+def test_movie_errors():
+    movie = np.zeros((100, 3, 3), np.float32)
+    movie[50, 1, 1] = np.nan
+    with pytest.raises(MovieError, match="frames 0..99"):
+        estimate_noise_movie(movie)
+    with pytest.raises(MovieError, match="at least 8"):
+        estimate_noise_movie(np.zeros((5, 3, 3)))
+    with pytest.raises(MovieError, match="shape"):
+        estimate_noise_movie(np.zeros((5, 3)))
+    with pytest.raises(ParameterError, match="chunk_frames"):
+        estimate_noise_movie(np.zeros((100, 3, 3)), chunk_frames=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# estimate_ar and its guard
+
+
+def reference_ar(y, p, sn, lags):
+    """float64 numpy reference of the (unguarded) ridge least-squares Yule-Walker estimate."""
+    y = np.asarray(y, np.float64)
+    n = y.size
+    yc = y - y.mean()
+    m = p + lags
+    r = np.array([np.dot(yc[: n - k], yc[k:]) / n for k in range(m + 1)])
+    rc = r.copy()
+    rc[0] = max(r[0] - sn**2, 0.0)
+    M = np.array([[rc[abs(k - j)] for j in range(1, p + 1)] for k in range(1, m + 1)])
+    lam = m * sn**4 / n
+    A = np.vstack([M, math.sqrt(lam) * np.eye(p)])
+    b = np.r_[r[1:], np.zeros(p)]
+    return np.linalg.lstsq(A, b, rcond=None)[0]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_ar_matches_float64_reference(p):
+    rng = np.random.default_rng(8)
+    g = [0.9] if p == 1 else [1.6, -0.63]
+    y = calcium(rng, g, 1, 3000)[0] + 0.5 * rng.normal(size=3000)
+    with jax.enable_x64(True):
+        got = np.asarray(estimate_ar(y, p, sn=0.5, lags=4))
+    np.testing.assert_allclose(got, reference_ar(y, p, 0.5, 4), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "g, sd",
+    [([0.95], 0.3), ([0.95], 1.0), ([1.7, -0.712], 0.3), ([1.7, -0.712], 1.0)],
+)
+def test_ar_recovers_kernel_of_long_noisy_traces(g, sd):
+    rng = np.random.default_rng(9)
+    c = calcium(rng, g, 12, 20000)
+    y = (c + sd * rng.normal(size=c.shape)).astype(np.float32)
+    est = np.asarray(estimate_ar(y, len(g)))
+    true_roots = np.asarray(ar_roots(jnp.asarray(g)))
+    rtol = np.array([0.03, 0.07])[: len(g)]  # the decay root within 3 %, the (harder) rise root within 7 %
+    assert np.all(np.abs(np.median(np.asarray(ar_roots(est)), axis=0) / true_roots - 1) < rtol)
+    # given the true noise level
+    est_sn = np.asarray(estimate_ar(y, len(g), sn=sd))
+    assert np.all(np.abs(np.median(np.asarray(ar_roots(est_sn)), axis=0) / true_roots - 1) < rtol)
+
+
+def test_ar_batch_vmap_length_and_compile_once():
+    rng = np.random.default_rng(10)
+    y = (calcium(rng, [0.9], 6, 800) + 0.3 * rng.normal(size=(6, 800))).astype(np.float32)
+    batched = np.asarray(estimate_ar(y.reshape(2, 3, 800), 2))
+    assert batched.shape == (2, 3, 2)
+    vm = np.asarray(jax.jit(jax.vmap(lambda t: estimate_ar(t, 2)))(y))
+    np.testing.assert_allclose(vm, batched.reshape(6, 2), rtol=1e-5, atol=1e-6)
+    padded = y.copy()
+    padded[:, 600:] = np.nan
+    with_len = np.asarray(estimate_ar(padded, 1, length=600))
+    trimmed = np.asarray(estimate_ar(y[:, :600], 1))
+    np.testing.assert_allclose(with_len, trimmed, rtol=0.1, atol=0.02)
+    assert np.all(np.isfinite(with_len))
+
+
+def test_guard_white_noise_constant_and_invalid_kernels():
+    rng = np.random.default_rng(11)
+    for p in (1, 2):
+        g = np.asarray(estimate_ar(rng.normal(size=(16, 10000)), p))
+        roots = np.asarray(ar_roots(g))
+        assert np.all(np.isfinite(g)) and np.all(roots >= 0) and np.all(roots <= 0.7)  # decay under 3 frames
+        assert np.median(roots[:, 0]) < 0.4
+        np.testing.assert_array_equal(np.asarray(estimate_ar(np.full(200, 2.0), p)), np.zeros(p))
+    # a valid kernel is left as it is
+    valid = np.array([1.7, -0.712], np.float32)
+    np.testing.assert_allclose(np.asarray(guard_ar(valid)), valid, rtol=1e-6)
+    # oscillating (complex roots 0.5 +- 0.8i): a double root at the real part 0.5
+    np.testing.assert_allclose(np.asarray(guard_ar(np.array([1.0, -0.89]))), [1.0, -0.25], rtol=1e-6)
+    # unstable and sign-alternating
+    np.testing.assert_allclose(np.asarray(guard_ar(np.array([1.05]))), [0.999], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(guard_ar(np.array([-0.4]))), [0.0])
+    np.testing.assert_allclose(np.asarray(guard_ar(np.array([0.5, 0.5]))), [0.999 - 0.0, -0.0], atol=1e-6)
+    out = np.asarray(guard_ar(np.array([[2.5, -1.2], [0.2, 0.3], [-1.0, -0.2]])))
+    roots = np.asarray(ar_roots(out))
+    assert np.all((roots >= 0) & (roots <= 0.999))
+    # an oscillating kernel estimated from an oscillating trace becomes valid
+    t = np.arange(5000)
+    osc = np.sin(2 * np.pi * t / 7.0) + 0.1 * rng.normal(size=5000)
+    roots = np.asarray(ar_roots(estimate_ar(osc, 2)))
+    assert np.all((roots >= 0) & (roots <= 0.999)) and roots[0] >= roots[1]
+
+
+def test_ar_bad_arguments():
+    with pytest.raises(ParameterError, match="p=3"):
+        estimate_ar(np.zeros(100), 3)
+    with pytest.raises(ParameterError, match="too short"):
+        estimate_ar(np.zeros(5), 2)
+    with pytest.raises(ParameterError, match="lags"):
+        estimate_ar(np.zeros(100), 2, lags=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tau <-> g
+
+
+def test_tau_ar_round_trip_exact():
+    with jax.enable_x64(True):
+        fps = 30.0
+        td, tr = np.array([0.4, 1.0, 2.5]), np.array([0.02, 0.1, 0.3])
+        g = tau_to_ar(td, tr, fps)
+        assert g.shape == (3, 2)
+        np.testing.assert_allclose(np.asarray(g[:, 0]), np.exp(-1 / (td * fps)) + np.exp(-1 / (tr * fps)), rtol=1e-14)
+        back_d, back_r = ar_to_tau(g, fps)
+        np.testing.assert_allclose(np.asarray(back_d), td, rtol=1e-11)
+        np.testing.assert_allclose(np.asarray(back_r), tr, rtol=1e-11)
+        g1 = tau_to_ar(1.0, None, fps)
+        assert g1.shape == (1,) and float(g1[0]) == pytest.approx(math.exp(-1 / 30.0), rel=1e-15)
+        assert tau_to_ar(1.0, 0.0, fps).shape == (1,)
+        d, r = ar_to_tau(g1, fps)
+        assert float(d) == pytest.approx(1.0, rel=1e-13) and float(r) == 0.0
+        np.testing.assert_allclose(np.asarray(tau_to_ar(*ar_to_tau(g, fps), fps)), np.asarray(g), rtol=1e-13)
+        # a zero root is a time of 0, and back
+        g0 = tau_to_ar(1.0, 0.0, fps, p=2)
+        assert float(g0[1]) == 0.0 and float(ar_to_tau(g0, fps)[1]) == 0.0
+    with pytest.raises(ParameterError, match="rise"):
+        tau_to_ar(1.0, 0.1, 30.0, p=1)
