@@ -1,0 +1,248 @@
+"""The temporal stage: denoised calcium C, spikes S and kinetics g of every component, with the footprints A fixed.
+
+It sits in the fit loop after the spatial and background updates (`fit.py` composes them): block-coordinate descent
+over groups of spatially disjoint components, each group deconvolved at once by `deconv.deconvolve` (vmapped).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .background import hals_f_step
+
+_EPS = 1e-12
+
+
+class TemporalResult(eqx.Module):
+    """What `update_temporal` returns; every per-component array has a leading `K` axis.
+
+    **Fields:**
+
+    - `C`: `(K, T)` denoised calcium (the deconvolved trace without its baseline and initial-decay term).
+    - `S`: `(K, T)` spikes, `S = G C` (the AR innovation), non-negative.
+    - `YrA`: `(K, T)` residual traces `a_k'(Y - A C - b f) / ||a_k||^2` at the final `C`; `C + YrA` is the raw trace.
+    - `g`: `(K, p)` AR coefficients used (re-estimated from the raw traces when not given).
+    - `baseline`, `c1`, `lam`: `(K,)` baseline, initial calcium value and sparsity weight of each deconvolution.
+    - `sn`: `(K,)` noise standard deviation of each raw trace (estimated from it when not given).
+    - `f`: `(nb, T)` background traces, re-fitted (non-negative least squares) before the components.
+    """
+
+    C: Float[Array, "K T"]
+    S: Float[Array, "K T"]
+    YrA: Float[Array, "K T"]
+    g: Float[Array, "K p"]
+    baseline: Float[Array, " K"]
+    c1: Float[Array, " K"]
+    lam: Float[Array, " K"]
+    f: Float[Array, "nb T"]
+    sn: Float[Array, " K"]
+
+
+def overlap_graph(A: np.ndarray) -> np.ndarray:
+    """Which pairs of components share at least one pixel: the graph `A'A > 0` (host-side, numpy).
+
+    **Arguments:**
+
+    - `A`: `(d, K)` footprints (numpy or jax array with concrete values).
+
+    **Returns:** `(K, K)` bool adjacency matrix with a False diagonal.
+    """
+    support = (np.asarray(A) > 0).astype(np.float32)
+    adj = (support.T @ support) > 0
+    np.fill_diagonal(adj, False)
+    return adj
+
+
+def color_components(A: np.ndarray, *, adjacency: np.ndarray | None = None) -> np.ndarray:
+    """Split the components into groups whose footprints do not overlap (a greedy, balanced graph colouring).
+
+    A first greedy colouring (components by decreasing degree, each to the first colour without a neighbour) fixes
+    the number of colours `G`; a second pass refills the colours with a size cap of `ceil(K / G)` (opening a new colour
+    only when every allowed one is full or in conflict), so the groups have nearly equal sizes. Groups are padded
+    to one fixed size with the index `K` (a dummy component), so one compiled deconvolution serves every group.
+    Runs on the host (it branches on values); pass `groups` to `update_temporal` to reuse a colouring.
+
+    **Arguments:**
+
+    - `A`: `(d, K)` footprints; two components conflict when their supports share a pixel.
+    - `adjacency`: optional `(K, K)` bool conflict graph to use instead of the one computed from `A`.
+
+    **Returns:** `(G, M)` int32 array of component indices, each row one group of mutually disjoint components,
+    padded with `K`; `(0, 1)` when `K == 0`.
+    """
+    adj = overlap_graph(A) if adjacency is None else np.asarray(adjacency, bool)
+    K = adj.shape[0]
+    if K == 0:
+        return np.zeros((0, 1), np.int32)
+    order = np.argsort(-adj.sum(axis=1), kind="stable")
+
+    def greedy(cap):
+        groups: list[list[int]] = []
+        for k in order:
+            for grp in groups:
+                if len(grp) < cap and not adj[k, grp].any():
+                    grp.append(int(k))
+                    break
+            else:
+                groups.append([int(k)])
+        return groups
+
+    n_colors = len(greedy(K))
+    groups = greedy(int(np.ceil(K / n_colors)))
+    M = max(len(g) for g in groups)
+    out = np.full((len(groups), M), K, np.int32)
+    for i, grp in enumerate(groups):
+        out[i, : len(grp)] = sorted(grp)
+    return out
+
+
+def raw_traces(idx: Array, AY: Array, AA: Array, Ab: Array, C: Array, f: Array) -> Array:
+    """Raw traces `c_k + a_k'(Y - A C - b f) / ||a_k||^2` of the components `idx`, from sufficient statistics.
+
+    **Arguments:**
+
+    - `idx`: `(M,)` component indices.
+    - `AY`: `(K, T)` = `A'Y`; `AA`: `(K, K)` = `A'A`; `Ab`: `(K, nb)` = `A'b`.
+    - `C`: `(K, T)` current traces; `f`: `(nb, T)` background traces.
+
+    **Returns:** `(M, T)` raw traces (a component with an all-zero footprint gets its current trace back).
+    """
+    diag = jnp.diagonal(AA)[idx]
+    safe = jnp.where(diag > _EPS, diag, 1.0)
+    resid = AY[idx] - AA[idx] @ C - Ab[idx] @ f
+    return C[idx] + jnp.where(diag[:, None] > _EPS, resid / safe[:, None], 0.0)
+
+
+def _pad_stats(AY, AA, Ab, C):
+    """Append the dummy component `K` (zero footprint, zero trace, unit self-overlap) used to pad groups."""
+    K, T = C.shape
+    AYp = jnp.concatenate([AY, jnp.zeros((1, T), AY.dtype)])
+    AAp = jnp.zeros((K + 1, K + 1), AA.dtype).at[:K, :K].set(AA).at[K, K].set(1.0)
+    Abp = jnp.concatenate([Ab, jnp.zeros((1, Ab.shape[1]), Ab.dtype)])
+    Cp = jnp.concatenate([C, jnp.zeros((1, T), C.dtype)])
+    return AYp, AAp, Abp, Cp
+
+
+@eqx.filter_jit
+def _update_temporal_core(
+    AY, AA, Ab, bY, bb, C, f, groups, g_fixed, sn_fixed, *, p, n_sweeps, update_f, deconv_kw
+):
+    from .deconv import deconvolve
+    from .noise import estimate_ar, estimate_noise
+
+    K, T = C.shape
+    dtype = C.dtype
+    AYp, AAp, Abp, Cp = _pad_stats(AY, AA, Ab, C)
+    bA = Ab.T
+    deconv = jax.vmap(functools.partial(deconvolve, p=p, **deconv_kw))
+
+    zeros_k = jnp.zeros((K + 1,), dtype)
+    init = dict(
+        C=Cp,
+        S=jnp.zeros_like(Cp),
+        g=jnp.zeros((K + 1, p), dtype) if g_fixed is None else jnp.concatenate([g_fixed, jnp.zeros((1, p), dtype)]),
+        sn=zeros_k if sn_fixed is None else jnp.concatenate([sn_fixed, jnp.ones((1,), dtype)]),
+        baseline=zeros_k,
+        c1=zeros_k,
+        lam=zeros_k,
+        f=f,
+    )
+
+    def group_step(state, idx):
+        raw = raw_traces(idx, AYp, AAp, Abp, state["C"], state["f"])
+        sn = estimate_noise(raw) if sn_fixed is None else state["sn"][idx]
+        sn = jnp.where(idx == K, 1.0, sn).astype(dtype)
+        g = estimate_ar(raw, p, sn=sn) if g_fixed is None else state["g"][idx]
+        res = deconv(raw, g.astype(dtype), sn)
+        new = dict(state)
+        for name, val in (("C", res.c), ("S", res.s), ("g", g), ("sn", sn), ("baseline", res.b),
+                          ("c1", res.c1), ("lam", res.lam)):
+            new[name] = state[name].at[idx].set(jnp.asarray(val, dtype))
+        new["C"] = new["C"].at[K].set(0.0)
+        return new, None
+
+    def sweep(state, _):
+        if update_f:
+            state = dict(state)
+            state["f"] = hals_f_step(bY, bA, state["C"][:K], bb, state["f"])
+        state, _ = jax.lax.scan(group_step, state, groups)
+        return state, None
+
+    state, _ = jax.lax.scan(sweep, init, None, length=n_sweeps)
+    Cf = state["C"]
+    diag = jnp.diagonal(AA)
+    safe = jnp.where(diag > _EPS, diag, 1.0)
+    YrA = jnp.where(diag[:, None] > _EPS, (AY - AA @ Cf[:K] - Ab @ state["f"]) / safe[:, None], 0.0)
+    return TemporalResult(
+        C=Cf[:K], S=state["S"][:K], YrA=YrA, g=state["g"][:K], baseline=state["baseline"][:K],
+        c1=state["c1"][:K], lam=state["lam"][:K], f=state["f"], sn=state["sn"][:K],
+    )
+
+
+def update_temporal(
+    Yr: Float[Array, "d T"],
+    A: Float[Array, "d K"],
+    C: Float[Array, "K T"],
+    b: Float[Array, "d nb"],
+    f: Float[Array, "nb T"],
+    *,
+    g: Float[Array, "K p"] | None = None,
+    sn_trace: Float[Array, " K"] | None = None,
+    p: int = 2,
+    groups: Int[np.ndarray, "G M"] | None = None,
+    n_sweeps: int = 1,
+    update_f: bool = True,
+    lam: float | None = None,
+    s_min: float = 0.0,
+    baseline: bool | float = True,
+    c1: bool | float = True,
+) -> TemporalResult:
+    """Update the traces of all components with the footprints fixed (CaImAn's `update_temporal_components`).
+
+    Block-coordinate descent: components are split into groups whose footprints do not overlap
+    (`color_components`); within a group the raw traces `c_k + a_k'(Y - A C - b f)/||a_k||^2` are independent, so
+    the whole group is deconvolved at once (noise-constrained, baseline and initial value estimated, by default),
+    and `C` is updated group after group (Gauss-Seidel). The movie enters only through `A'Y` and `b'Y` (one pass);
+    the rest works on `(K, T)` arrays. Before the components, each sweep refits the background traces `f >= 0`
+    (non-negative least squares for `b` fixed, no sparsity). AR coefficients are re-estimated from each raw trace
+    (`noise.estimate_ar`) unless `g` is given; likewise the trace noise (`noise.estimate_noise`) unless `sn_trace` is.
+    Differentiable with respect to `Yr` (through the deconvolution's implicit VJP; pass `g` and `sn_trace` to keep
+    the kinetics fixed). `groups` is computed on the host from `A`'s support unless given.
+
+    **Arguments:**
+
+    - `Yr`: `(d, T)` movie, pixels in row-major order.
+    - `A`: `(d, K)` non-negative footprints; `C`: `(K, T)` current traces (the starting point).
+    - `b`: `(d, nb)` background footprints; `f`: `(nb, T)` background traces.
+    - `g`: optional `(K, p)` AR coefficients (CaImAn `p` gives the order); `None` re-estimates them per component.
+    - `sn_trace`: optional `(K,)` noise sd of each raw trace; `None` estimates it (power spectral density).
+    - `p`: AR order, 1 or 2.
+    - `groups`: optional `(G, M)` colouring from `color_components` (padding index `K`).
+    - `n_sweeps`: passes of block-coordinate descent over all groups (CaImAn's `ITER`).
+    - `update_f`: refit the background traces before each sweep.
+    - `lam`, `s_min`, `baseline`, `c1`: passed to `deconv.deconvolve` (`lam=None` is the noise-constrained form).
+
+    **Returns:** a `TemporalResult` (`C`, `S`, `YrA`, `g`, `baseline`, `c1`, `lam`, `f`, `sn`).
+    """
+    K = A.shape[1]
+    dtype = jnp.result_type(Yr)
+    if groups is None:
+        groups = color_components(A)
+    groups = jnp.asarray(groups, jnp.int32)
+    A = jnp.asarray(A, dtype)
+    b = jnp.asarray(b, dtype)
+    Yr = jnp.asarray(Yr, dtype)
+    AbY = jnp.concatenate([A, b], axis=1).T @ Yr  # one pass over the movie
+    AY, bY = AbY[:K], AbY[K:]
+    deconv_kw = dict(lam=lam, s_min=s_min, baseline=baseline, c1=c1)
+    return _update_temporal_core(
+        AY, A.T @ A, A.T @ b, bY, b.T @ b, jnp.asarray(C, dtype), jnp.asarray(f, dtype), groups,
+        None if g is None else jnp.asarray(g, dtype), None if sn_trace is None else jnp.asarray(sn_trace, dtype),
+        p=p, n_sweeps=n_sweeps, update_f=update_f, deconv_kw=deconv_kw,
+    )
