@@ -1,0 +1,552 @@
+"""Starting points for the CNMF fit: greedy Gaussian-blob initialisation (somata) and sparse NMF (dendrites, axons).
+
+First stage of the pipeline: a movie (T,H,W) in, footprints A (d,K), traces C (K,T) and a background b f out, which
+the spatial / temporal updates of `fit` then refine.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .errors import MovieError, ParameterError
+
+__all__ = ["InitResult", "greedy_init", "sparse_nmf_init", "gaussian_blur", "background_hals"]
+
+
+class InitResult(eqx.Module):
+    """What an initialisation hands to the fit.
+
+    **Fields:**
+
+    - `A`: (d, K) non-negative footprints, d = H*W pixels in row-major order, each column of unit l2 norm.
+    - `C`: (K, T) non-negative traces in the matching units (so `A @ C` is in movie units, above the background).
+    - `b`: (d, nb) non-negative spatial background; `f`: (nb, T) non-negative background traces, each row of mean 1
+      (so `b[:, 0]` is close to the median image for nb = 1).
+    - `centers`: (K, 2) float (row, col) of each component's seed pixel (greedy) or centre of mass (sparse NMF).
+    - `median`: (H, W) per-pixel temporal median of the movie (the first background guess).
+    - `psnr`: (K,) peak of each seed's blurred residual trace over that trace's noise (greedy; energy rank otherwise).
+    """
+
+    A: jax.Array
+    C: jax.Array
+    b: jax.Array
+    f: jax.Array
+    centers: jax.Array
+    median: jax.Array
+    psnr: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------- checks
+
+
+def _as_movie(Y, name: str = "Y") -> jax.Array:
+    """Validate a (T,H,W) movie and return it as a floating jnp array (float32 unless already floating)."""
+    if not hasattr(Y, "shape") or len(Y.shape) != 3:
+        raise MovieError(
+            f"{name}: expected a movie array of shape (T, H, W), got shape {getattr(Y, 'shape', type(Y))}; "
+            "load files with jaxcnmf.load_movie first."
+        )
+    Y = jnp.asarray(Y)
+    if not jnp.issubdtype(Y.dtype, jnp.floating):
+        Y = Y.astype(jnp.float32)
+    T, H, W = Y.shape
+    if T < 3 or H < 3 or W < 3:
+        raise MovieError(f"{name}: movie of shape {Y.shape} is too small (need at least 3 frames and 3x3 pixels).")
+    if not bool(jnp.isfinite(Y).all()):
+        raise MovieError(
+            f"{name}: the movie holds NaN or infinite values; repair them first "
+            "(jaxcnmf.open_movie(..., nonfinite='repair'))."
+        )
+    return Y
+
+
+def _check_radius(radius, H: int, W: int) -> float:
+    try:
+        r = float(radius)
+    except (TypeError, ValueError):
+        raise ParameterError(f"radius: expected a number of pixels, got {radius!r}.") from None
+    if not math.isfinite(r) or r <= 0:
+        raise ParameterError(f"radius={radius!r}: the neuron radius must be a positive number of pixels.")
+    if 2 * r + 1 > min(H, W):
+        raise ParameterError(
+            f"radius={radius!r}: a neuron of that radius does not fit in the {H}x{W} field of view; "
+            "give the radius in pixels (typically 2-10)."
+        )
+    return r
+
+
+# ------------------------------------------------------------------------------------------------------------- filters
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> np.ndarray:
+    """Normalised 1-D Gaussian taps of standard deviation `sigma`, half-width ceil(truncate * sigma).
+
+    **Arguments:** `sigma` (pixels, > 0); `truncate` (half-width in units of sigma).
+
+    **Returns:** float numpy array of odd length summing to 1.
+    """
+    half = max(1, int(math.ceil(truncate * sigma)))
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(frames: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Separable blur of every frame of a (..., H, W) stack with the 1-D `kernel` on both axes (zero padding).
+
+    **Arguments:** `frames` (..., H, W) floating; `kernel` (k,) 1-D taps, k odd.
+
+    **Returns:** blurred stack, same shape and dtype.
+    """
+    lead = frames.shape[:-2]
+    H, W = frames.shape[-2:]
+    x = frames.reshape((-1, 1, H, W))
+    k = kernel.astype(frames.dtype)
+    n = k.shape[0]
+    x = lax.conv_general_dilated(x, k.reshape(1, 1, n, 1), (1, 1), "SAME")
+    x = lax.conv_general_dilated(x, k.reshape(1, 1, 1, n), (1, 1), "SAME")
+    return x.reshape(lead + (H, W))
+
+
+def _mad_noise_of_differences(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Robust noise sd from first differences: median(|diff|) / 0.6745 / sqrt(2) (white noise; transients are rare)."""
+    d = jnp.abs(jnp.diff(x, axis=axis))
+    return jnp.median(d, axis=axis) / (0.6744897501960817 * math.sqrt(2.0))
+
+
+# --------------------------------------------------------------------------------------------------- rank-1 refinement
+
+
+def rank1_nmf(X: jax.Array, a0: jax.Array, n_iter: int) -> tuple[jax.Array, jax.Array]:
+    """Rank-1 non-negative factorisation X (T, n) ~ c a' by alternating projected least squares.
+
+    **Arguments:** `X` (T, n) data; `a0` (n,) non-negative start for the spatial factor; `n_iter` alternations (fixed).
+
+    **Returns:** `(a, c)`: a (n,) of unit l2 norm (zero if the fit is empty), c (T,) >= 0.
+    """
+    tiny = jnp.asarray(1e-12, X.dtype)
+
+    def step(_, a):
+        c = jnp.maximum(X @ a, 0.0) / jnp.maximum(a @ a, tiny)
+        a = jnp.maximum(X.T @ c, 0.0) / jnp.maximum(c @ c, tiny)
+        return a
+
+    a = lax.fori_loop(0, n_iter, step, a0)
+    na = jnp.sqrt(a @ a)
+    a = jnp.where(na > 0, a / jnp.maximum(na, tiny), 0.0)
+    c = jnp.maximum(X @ a, 0.0)
+    return a, c
+
+
+@partial(jax.jit, static_argnames=("h", "hb", "pad", "n_iter"), donate_argnums=(0, 1, 2, 3))
+def _greedy_round(Rp, Bp, Ep, Pp, centres, valid, a0, kernel, *, h, hb, pad, n_iter):
+    """One batched greedy round on the padded working movies (all windows the same size: one compiled shape).
+
+    Rp, Bp: (T, H+2pad, W+2pad) residual and blurred residual; Ep, Pp: (H+2pad, W+2pad) energy and peak of Bp;
+    centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool; a0 (w*w,) start footprint.
+    Returns updated (Rp, Bp, Ep, Pp) and the fitted (a (n, w, w), c (n, T)).
+    """
+    T = Rp.shape[0]
+    w, wb = 2 * h + 1, 2 * hb + 1
+    off_r, off_b = pad - h, pad - hb
+
+    def window(rc):
+        return lax.dynamic_slice(Rp, (0, rc[0] + off_r, rc[1] + off_r), (T, w, w)).reshape(T, w * w)
+
+    X = jax.vmap(window)(centres)
+    a, c = jax.vmap(rank1_nmf, in_axes=(0, None, None))(X, a0, n_iter)
+    a = jnp.where(valid[:, None], a, 0.0).reshape(-1, w, w)
+    c = jnp.where(valid[:, None], c, 0.0)
+    # blurred footprint, in the larger window that the blur can reach
+    a_big = jnp.pad(a, ((0, 0), (hb - h, hb - h), (hb - h, hb - h)))
+    ab = gaussian_blur(a_big, kernel)
+
+    def subtract(k, state):
+        Rp, Bp = state
+        r0, r1 = centres[k, 0], centres[k, 1]
+        cur = lax.dynamic_slice(Rp, (0, r0 + off_r, r1 + off_r), (T, w, w))
+        Rp = lax.dynamic_update_slice(Rp, cur - c[k][:, None, None] * a[k][None], (0, r0 + off_r, r1 + off_r))
+        cur = lax.dynamic_slice(Bp, (0, r0 + off_b, r1 + off_b), (T, wb, wb))
+        Bp = lax.dynamic_update_slice(Bp, cur - c[k][:, None, None] * ab[k][None], (0, r0 + off_b, r1 + off_b))
+        return Rp, Bp
+
+    Rp, Bp = lax.fori_loop(0, centres.shape[0], subtract, (Rp, Bp))
+
+    def rescore(k, state):
+        Ep, Pp = state
+        r0, r1 = centres[k, 0] + off_b, centres[k, 1] + off_b
+        cur = lax.dynamic_slice(Bp, (0, r0, r1), (T, wb, wb))
+        Ep = lax.dynamic_update_slice(Ep, jnp.sum(cur * cur, axis=0), (r0, r1))
+        Pp = lax.dynamic_update_slice(Pp, jnp.max(cur, axis=0), (r0, r1))
+        return Ep, Pp
+
+    Ep, Pp = lax.fori_loop(0, centres.shape[0], rescore, (Ep, Pp))
+    return Rp, Bp, Ep, Pp, a, c
+
+
+def _pick_centres(score: np.ndarray, eligible: np.ndarray, n: int, sep: int) -> list[tuple[int, int]]:
+    """Greedy by score: up to n eligible pixels whose (2h+1)-windows do not overlap (Chebyshev distance > sep)."""
+    flat = np.flatnonzero(eligible.ravel())
+    if flat.size == 0:
+        return []
+    order = flat[np.argsort(-score.ravel()[flat], kind="stable")]
+    W = score.shape[1]
+    chosen: list[tuple[int, int]] = []
+    for idx in order[: 50 * n]:
+        r, c = divmod(int(idx), W)
+        if all(max(abs(r - r2), abs(c - c2)) > sep for r2, c2 in chosen):
+            chosen.append((r, c))
+            if len(chosen) == n:
+                break
+    return chosen
+
+
+def default_snr_stop(T: int, H: int, W: int, sigma: float, false_alarms: float = 0.01) -> float:
+    """Peak-to-noise level that pure Gaussian noise exceeds about `false_alarms` times per movie after the blur.
+
+    Each blurred frame of white noise is a smooth Gaussian field with correlation exp(-r^2 / (4 sigma^2)); the
+    expected number of local maxima above u in a frame of H W pixels is about H W / (2 sigma^2) / (2 pi)^(3/2)
+    u exp(-u^2 / 2) (the Euler-characteristic density of a 2-D field). Summed over T independent frames and set equal
+    to `false_alarms`, this is solved for u (about 5.6 for 64x64x400 and sigma 2, about 6.3 for 256x256x3000).
+
+    **Arguments:** `T`, `H`, `W` movie size; `sigma` blur sd in pixels; `false_alarms` expected false seeds per movie.
+
+    **Returns:** the level u (float).
+    """
+    rate = T * H * W / (2.0 * sigma**2) / (2.0 * math.pi) ** 1.5 / false_alarms
+    u = 3.0
+    for _ in range(50):  # u = sqrt(2 log(rate u)), a contraction for u > 1
+        u = math.sqrt(max(2.0 * math.log(max(rate * u, 1.0)), 1.0))
+    return float(u)
+
+
+def _centres_of_mass(A: jax.Array, H: int, W: int) -> np.ndarray:
+    """(K, 2) float32 (row, col) centre of mass of each column of A (d, K), weights a_k."""
+    wgt = np.asarray(A, np.float64)
+    rows, cols = np.divmod(np.arange(H * W), W)
+    tot = np.maximum(wgt.sum(0), 1e-300)
+    return (np.stack([rows @ wgt, cols @ wgt], axis=1) / tot[:, None]).astype(np.float32).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------ background
+
+
+@partial(jax.jit, static_argnames=("n_iter",))
+def background_hals(M: jax.Array, b: jax.Array, f: jax.Array, n_iter: int = 5) -> tuple[jax.Array, jax.Array]:
+    """Rank-nb non-negative factorisation M (d, T) ~ b f by HALS sweeps; f rows rescaled to mean 1 at the end.
+
+    **Arguments:** `M` (d, T) data (may hold negative values); `b` (d, nb) >= 0 and `f` (nb, T) >= 0 starting values;
+    `n_iter` sweeps (fixed; each is two passes over M).
+
+    **Returns:** `(b, f)` non-negative, each row of f of mean 1 (rows that vanish are left at zero).
+    """
+    nb = b.shape[1]
+    tiny = jnp.asarray(1e-12, M.dtype)
+
+    def sweep(_, bf):
+        b, f = bf
+        bM = b.T @ M
+        bb = b.T @ b
+        for j in range(nb):
+            f = f.at[j].set(jnp.maximum(f[j] + (bM[j] - bb[j] @ f) / jnp.maximum(bb[j, j], tiny), 0.0))
+        Mf = M @ f.T
+        ff = f @ f.T
+        for j in range(nb):
+            b = b.at[:, j].set(jnp.maximum(b[:, j] + (Mf[:, j] - b @ ff[:, j]) / jnp.maximum(ff[j, j], tiny), 0.0))
+        return b, f
+
+    b, f = lax.fori_loop(0, n_iter, sweep, (b, f))
+    s = jnp.mean(f, axis=1)
+    ok = s > 0
+    f = jnp.where(ok[:, None], f / jnp.where(ok, s, 1.0)[:, None], 0.0)
+    b = b * jnp.where(ok, s, 0.0)[None, :]
+    return b, f
+
+
+def _background_start(median: jax.Array, T: int, nb: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """b starts at the clipped median image (first column) plus small random maps; f starts flat (plus jitter)."""
+    d = median.size
+    kb, kf = jax.random.split(key)
+    b0 = jnp.maximum(median.reshape(d, 1), 0.0)
+    scale = jnp.maximum(jnp.mean(b0), 1e-6)
+    extra = scale * jax.random.uniform(kb, (d, nb - 1), dtype=median.dtype)
+    b = jnp.concatenate([b0, extra], axis=1)
+    f = jnp.ones((nb, T), median.dtype) + 0.1 * jax.random.uniform(kf, (nb, T), dtype=median.dtype) * (
+        jnp.arange(nb) > 0
+    )[:, None]
+    return b, f
+
+
+# ---------------------------------------------------------------------------------------------------- greedy init
+
+
+def greedy_init(
+    Y,
+    radius: float,
+    *,
+    K: int | None = None,
+    nb: int = 1,
+    fps: float | None = None,
+    max_iter_rank1: int = 10,
+    snr_stop: float | None = None,
+    batch: int = 16,
+    window: int | None = None,
+    sigma: float | None = None,
+    n_iter_background: int = 5,
+    max_rounds: int | None = None,
+    key: jax.Array | None = None,
+) -> InitResult:
+    """Greedy initialisation of somatic components (CaImAn's `greedyROI`; `radius` replaces its `gSig`).
+
+    Algorithm (MATH.md, "Greedy initialisation"):
+
+    1. R = Y minus each pixel's temporal median; B = R with every frame blurred by a Gaussian of sd `sigma`.
+    2. Per pixel: energy E = sum_t B^2, peak P = max_t B, noise s = robust sd of B's first differences / sqrt 2.
+       A pixel is *eligible* when its peak-to-noise P / s >= `snr_stop` (it holds a transient that noise alone would
+       not produce).
+    3. Each round: take up to `batch` eligible pixels, greedily by energy, whose (2 window + 1)^2 windows do not overlap;
+       in each window fit R ~ c a' (rank-1 non-negative, `max_iter_rank1` alternating projected least-squares steps,
+       started from a Gaussian blob), subtract a c' from R and blur(a) c' from B, and re-score the touched pixels.
+       All windows of a round are fitted at once (vmap); every round uses one compiled shape (the movies are padded).
+    4. Stop when no pixel is eligible any more, when K components were found, or after `max_rounds` rounds.
+       A seed whose fit comes out empty is not kept and its window is excluded from later rounds.
+    5. Background: b, f = rank-`nb` HALS factorisation of Y - A C (started from the median image and a flat trace).
+
+    **Arguments:**
+
+    - `Y`: movie (T, H, W) in memory (numpy or jax array; integers are converted to float32). Must be finite.
+    - `radius`: neuron radius in pixels (> 0).
+    - `K`: optional upper bound on the number of components (None: stop by the noise rule only).
+    - `nb`: background rank (>= 1).
+    - `fps`: frame rate; not needed by this stage (accepted so that every init has the same call).
+    - `max_iter_rank1`: alternations of the rank-1 window fit.
+    - `snr_stop`: eligibility level of the blurred peak-to-noise; None -> `default_snr_stop` (the level pure noise
+      exceeds about once in 100 movies of this size).
+    - `batch`: most components found per round (they are fitted together).
+    - `window`: half-width of the fitting window in pixels; None -> ceil(2 radius).
+    - `sigma`: sd of the Gaussian blur in pixels; None -> radius / 2.
+    - `n_iter_background`: HALS sweeps of the final background fit.
+    - `max_rounds`: most rounds; None -> enough for a field packed with neurons (H W / radius^2 / batch, at least 4).
+    - `key`: PRNG key for the starting maps of background components 2..nb (default PRNGKey(0)); the result is
+      deterministic for a given key.
+
+    **Returns:** an `InitResult` (A (d, K) unit-norm columns, C (K, T), b (d, nb), f (nb, T), centers (K, 2), median
+    (H, W), psnr (K,)), components in the order found.
+    """
+    Y = _as_movie(Y)
+    T, H, W = Y.shape
+    r = _check_radius(radius, H, W)
+    if K is not None and (int(K) != K or K < 0):
+        raise ParameterError(f"K={K!r}: the most components to find must be a non-negative integer (or None).")
+    if int(nb) != nb or nb < 1:
+        raise ParameterError(f"nb={nb!r}: the background rank must be an integer >= 1.")
+    if batch < 1 or max_iter_rank1 < 1:
+        raise ParameterError(f"batch={batch!r}, max_iter_rank1={max_iter_rank1!r}: both must be >= 1.")
+    sigma = float(sigma) if sigma is not None else r / 2.0
+    h = int(window) if window is not None else int(math.ceil(2.0 * r))
+    if sigma <= 0 or h < 1:
+        raise ParameterError(f"sigma={sigma!r}, window={window!r}: both must be positive.")
+    if snr_stop is None:
+        snr_stop = default_snr_stop(T, H, W, sigma)
+    if max_rounds is None:
+        max_rounds = max(4, int(math.ceil(H * W / (r * r) / batch)))
+    key = jax.random.PRNGKey(0) if key is None else key
+    dtype = Y.dtype
+
+    kernel_np = gaussian_kernel1d(sigma)
+    kernel = jnp.asarray(kernel_np, dtype)
+    hb = h + kernel_np.size // 2
+    pad = hb
+
+    median = jnp.median(Y, axis=0)
+    R = Y - median
+    B = gaussian_blur(R, kernel)
+    sn_b = np.asarray(jnp.maximum(_mad_noise_of_differences(B, axis=0), jnp.finfo(dtype).tiny))
+    E = np.asarray(jnp.sum(B * B, axis=0))
+    P = np.asarray(jnp.max(B, axis=0))
+    padw = ((0, 0), (pad, pad), (pad, pad))
+    Rp = jnp.pad(R, padw)
+    Bp = jnp.pad(B, padw)
+    del R, B
+    Ep = jnp.pad(jnp.asarray(E), pad)
+    Pp = jnp.pad(jnp.asarray(P), pad)
+
+    w = 2 * h + 1
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    a0 = jnp.asarray(np.exp(-0.5 * (yy**2 + xx**2) / (max(r, 1.0) / 1.5) ** 2).ravel(), dtype)
+
+    excluded = np.zeros((H, W), bool)
+    K_max = np.inf if K is None else int(K)
+    found_a, found_c, found_rc, found_psnr = [], [], [], []
+    for _ in range(max_rounds):
+        n_left = K_max - len(found_rc)
+        if n_left <= 0:
+            break
+        psnr = P / sn_b
+        eligible = (psnr >= snr_stop) & ~excluded
+        chosen = _pick_centres(E, eligible, int(min(batch, n_left)), 2 * h)
+        if not chosen:
+            break
+        n = len(chosen)
+        centres = np.zeros((batch, 2), np.int32)
+        centres[:n] = chosen
+        valid = np.arange(batch) < n
+        Rp, Bp, Ep, Pp, a, c = _greedy_round(
+            Rp, Bp, Ep, Pp, jnp.asarray(centres), jnp.asarray(valid), a0, kernel, h=h, hb=hb, pad=pad,
+            n_iter=int(max_iter_rank1),
+        )
+        E = np.asarray(Ep[pad : pad + H, pad : pad + W])
+        P = np.asarray(Pp[pad : pad + H, pad : pad + W])
+        energy = np.asarray(jnp.sum(c * c, axis=1))
+        for k, (r0, c0) in enumerate(chosen):
+            if not energy[k] > 0:
+                excluded[max(0, r0 - h) : r0 + h + 1, max(0, c0 - h) : c0 + h + 1] = True
+                continue
+            found_a.append(a[k])
+            found_c.append(c[k])
+            found_rc.append((r0, c0))
+            found_psnr.append(psnr[r0, c0])
+
+    Kf = len(found_rc)
+    d = H * W
+    if Kf:
+        windows = jnp.stack(found_a)  # (K, w, w)
+        Ak = jnp.zeros((Kf, H + 2 * pad, W + 2 * pad), dtype)
+        for k, (r0, c0) in enumerate(found_rc):
+            Ak = Ak.at[k, r0 + pad - h : r0 + pad + h + 1, c0 + pad - h : c0 + pad + h + 1].set(windows[k])
+        A = Ak[:, pad : pad + H, pad : pad + W].reshape(Kf, d).T
+        C = jnp.stack(found_c)
+        centers = _centres_of_mass(A, H, W)
+    else:
+        A = jnp.zeros((d, 0), dtype)
+        C = jnp.zeros((0, T), dtype)
+        centers = np.zeros((0, 2), np.float32)
+
+    # Y - A C = (R - A C) + median, and the interior of Rp is exactly R - A C
+    M = (Rp[:, pad : pad + H, pad : pad + W] + median).reshape(T, d).T
+    b0, f0 = _background_start(median, T, int(nb), key)
+    b, f = background_hals(M, b0, f0, n_iter=int(n_iter_background))
+    return InitResult(
+        A=A,
+        C=C,
+        b=b,
+        f=f,
+        centers=jnp.asarray(centers),
+        median=median,
+        psnr=jnp.asarray(np.asarray(found_psnr, np.float32)),
+    )
+
+
+# -------------------------------------------------------------------------------------------------- sparse NMF init
+
+
+@partial(jax.jit, static_argnames=("n_iter",))
+def _sparse_hals(X: jax.Array, A: jax.Array, C: jax.Array, sparsity: jax.Array, n_iter: int):
+    """HALS for X (d, T) ~ A C with A, C >= 0 and an l1 penalty `sparsity` * max(X) * sum(A); rows of C unit max."""
+    K = A.shape[1]
+    tiny = jnp.asarray(1e-12, X.dtype)
+    lam = sparsity * jnp.max(X)
+
+    def sweep(_, AC):
+        A, C = AC
+        AX = A.T @ X
+        AA = A.T @ A
+        for k in range(K):
+            C = C.at[k].set(jnp.maximum(C[k] + (AX[k] - AA[k] @ C) / jnp.maximum(AA[k, k], tiny), 0.0))
+        s = jnp.max(C, axis=1)
+        C = C / jnp.maximum(s, tiny)[:, None]
+        A = A * s[None, :]
+        XC = X @ C.T
+        CC = C @ C.T
+        for k in range(K):
+            A = A.at[:, k].set(
+                jnp.maximum(A[:, k] + (XC[:, k] - A @ CC[:, k] - lam * CC[k, k]) / jnp.maximum(CC[k, k], tiny), 0.0)
+            )
+        return A, C
+
+    return lax.fori_loop(0, n_iter, sweep, (A, C))
+
+
+def sparse_nmf_init(
+    Y,
+    K: int,
+    *,
+    nb: int = 1,
+    sparsity: float = 0.05,
+    n_iter: int = 100,
+    n_iter_background: int = 5,
+    key: jax.Array | None = None,
+) -> InitResult:
+    """Sparse NMF start for dendrites and axons (no blob shape assumed): the fit's `init="sparse_nmf"`.
+
+    The movie minus each pixel's median is clipped at zero (X = max(Y - median, 0), the active part) and factorised
+    as X ~ A C with A, C >= 0 by HALS with an l1 penalty `sparsity * max(X)` on every footprint weight; rows of C are
+    kept at unit max during the sweeps. Starting footprints: K pixels drawn with probability proportional to their
+    temporal variance (from `key`), each with its own trace as the start of C. Components are then ordered by energy
+    (||a_k||^2 ||c_k||^2, largest first), empty ones dropped, and columns of A scaled to unit l2 norm (C rescaled).
+    The background is a rank-`nb` HALS factorisation of Y - A C, as in `greedy_init`.
+
+    **Arguments:**
+
+    - `Y`: movie (T, H, W), finite.
+    - `K`: number of components to fit (>= 1; empty ones are dropped, so fewer may come back).
+    - `nb`: background rank (>= 1).
+    - `sparsity`: l1 weight on A relative to the movie's largest value (0 = plain NMF; larger = smaller footprints).
+    - `n_iter`: HALS sweeps (fixed).
+    - `n_iter_background`: HALS sweeps of the background fit.
+    - `key`: PRNG key for the seed pixels (default PRNGKey(0)).
+
+    **Returns:** an `InitResult`; `centers` are the footprints' centres of mass, `psnr` the components' energies.
+    """
+    Y = _as_movie(Y)
+    T, H, W = Y.shape
+    d = H * W
+    if int(K) != K or K < 1:
+        raise ParameterError(f"K={K!r}: sparse_nmf_init needs the number of components, an integer >= 1.")
+    if int(nb) != nb or nb < 1:
+        raise ParameterError(f"nb={nb!r}: the background rank must be an integer >= 1.")
+    if not (sparsity >= 0):
+        raise ParameterError(f"sparsity={sparsity!r}: must be >= 0.")
+    K = int(K)
+    key = jax.random.PRNGKey(0) if key is None else key
+    kseed, kbg = jax.random.split(key)
+    dtype = Y.dtype
+
+    median = jnp.median(Y, axis=0)
+    R = (Y - median).reshape(T, d).T  # (d, T)
+    X = jnp.maximum(R, 0.0)
+    var = jnp.mean(X * X, axis=1)
+    p = var / jnp.maximum(jnp.sum(var), jnp.finfo(dtype).tiny)
+    seeds = jax.random.choice(kseed, d, (min(K, d),), replace=False, p=p)
+    A0 = jnp.zeros((d, K), dtype).at[seeds, jnp.arange(seeds.shape[0])].set(1.0)
+    C0 = X[seeds]
+    C0 = C0 / jnp.maximum(jnp.max(C0, axis=1, keepdims=True), 1e-12)
+    A, C = _sparse_hals(X, A0 * jnp.max(X), C0, jnp.asarray(sparsity, dtype), n_iter=int(n_iter))
+
+    na = jnp.sqrt(jnp.sum(A * A, axis=0))
+    energy = np.asarray(na**2 * jnp.sum(C * C, axis=1))
+    keep = np.flatnonzero(energy > 0)
+    keep = keep[np.argsort(-energy[keep], kind="stable")]
+    A = A[:, keep] / na[keep][None, :]
+    C = C[keep] * na[keep][:, None]
+    centers = _centres_of_mass(A, H, W)
+
+    M = R - A @ C + median.reshape(d, 1)
+    b0, f0 = _background_start(median, T, int(nb), kbg)
+    b, f = background_hals(M, b0, f0, n_iter=int(n_iter_background))
+    return InitResult(
+        A=A,
+        C=C,
+        b=b,
+        f=f,
+        centers=jnp.asarray(centers),
+        median=median,
+        psnr=jnp.asarray(energy[keep].astype(np.float32)),
+    )
