@@ -1,0 +1,73 @@
+"""`jaxcnmf fit`: fit CNMF to a movie file and write the result file (HDF5 or .npz).
+
+A thin layer over `jaxcnmf.fit.fit` and `jaxcnmf.io.save_result`; prints one progress line per stage to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def default_output(movie: str) -> str:
+    """`movie stem + _cnmf.h5` next to the movie (for `file.h5:/data`, next to `file.h5`; for a folder, beside it)."""
+    path = movie.split(".h5:")[0] + ".h5" if ".h5:" in movie else movie
+    path = path.rstrip("/\\")
+    stem = path if os.path.isdir(path) else os.path.splitext(path)[0]
+    return stem + "_cnmf.h5"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit",
+        help="find, demix and deconvolve the neurons of a movie (CNMF)",
+        description="Fit CNMF to a movie (multi-page TIFF, a folder of TIFF frames, .npy, or file.h5:/dataset) and "
+        "write footprints, calcium traces, spikes, background, noise and quality per component to a result file. "
+        "Only the neuron radius is required; everything else has defaults derived from the data.",
+    )
+    p.add_argument("movie", help="the movie: .tif/.tiff, a folder of single-frame TIFFs, .npy, or file.h5:/dataset")
+    p.add_argument("--neuron-radius", type=float, required=True,
+                   help="expected soma radius in pixels (CaImAn gSig); measure a typical cell on the mean image")
+    p.add_argument("--fps", type=float, default=None, help="frame rate in Hz (optional; CaImAn fr)")
+    p.add_argument("--K", type=int, default=None,
+                   help="upper bound on the number of components (default: the initialisation stops by itself)")
+    p.add_argument("--p", type=int, choices=(1, 2), default=2, help="AR order of the calcium kinetics (default 2)")
+    p.add_argument("--nb", type=int, default=1, help="number of background components (default 1)")
+    p.add_argument("--n-iter", type=int, default=None, help="outer iterations (default 2)")
+    p.add_argument("--merge-thr", type=float, default=None, help="trace correlation for merging (default 0.85)")
+    p.add_argument("--min-snr", type=float, default=None, help="acceptance: minimum trace SNR (default 2.5)")
+    p.add_argument("--rval-thr", type=float, default=None, help="acceptance: minimum spatial correlation (default 0.8)")
+    p.add_argument("--init", choices=("greedy", "sparse_nmf"), default=None,
+                   help="initialisation: greedy (somata, default) or sparse_nmf (dendrites, axons)")
+    p.add_argument("--spatial-method", choices=("constrained", "hals"), default=None,
+                   help="footprint update: constrained (default) or hals (faster)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--repair-nonfinite", action="store_true",
+                   help="interpolate NaN/inf pixels instead of stopping with an error")
+    p.add_argument("-o", "--output", default=None,
+                   help="result file, .h5 or .npz (default: the movie's stem + _cnmf.h5 next to it)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..fit import fit
+    from ..io import save_result
+
+    out = args.output or default_output(args.movie)
+    if not out.endswith((".h5", ".hdf5", ".npz")):
+        from ..errors import ParameterError
+
+        raise ParameterError(f"--output {out!r}: the result file must end in .h5, .hdf5 or .npz")
+    overrides = {k: v for k, v in dict(
+        p=args.p, nb=args.nb, n_iter=args.n_iter, merge_thr=args.merge_thr, min_snr=args.min_snr,
+        rval_thr=args.rval_thr, init=args.init, spatial_method=args.spatial_method, seed=args.seed,
+    ).items() if v is not None}
+    if args.repair_nonfinite:
+        overrides["nonfinite"] = "repair"
+    result = fit(args.movie, args.neuron_radius, fps=args.fps, K=args.K, progress=not args.quiet, **overrides)
+    save_result(out, result)
+    n = result.n_components
+    n_acc = int(result.accepted.sum()) if result.accepted is not None else n
+    print(f"{n} components ({n_acc} accepted) -> {out}", file=sys.stdout)
+    return 0

@@ -1,0 +1,400 @@
+"""The CNMF fit: `Params` (one frozen set of knobs, defaults derived from the data) and `fit`, which composes the stages.
+
+It sits on top of the pipeline: movie (io) -> noise -> init -> [spatial -> background -> temporal -> merge] x n_iter ->
+quality -> `Result`. Every stage is a public function of its own module; `fit` only wires them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._version import __version__
+from .errors import MovieError, ParameterError
+from .result import Result
+
+DEFAULT_FPS = 30.0  # used only where seconds matter (quality's time scales) when the frame rate is unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Everything `fit` can be told; only `neuron_radius` is required, the rest has defaults derived from the data.
+
+    **Fields** (with the CaImAn parameter each one replaces):
+
+    - `neuron_radius`: expected soma radius in pixels (CaImAn `gSig`, which is about the radius). Sets the blur and
+      window of the greedy initialisation and the size of the spatial search areas.
+    - `fps`: frame rate in Hz (CaImAn `fr`). Kinetics are estimated from the data in frames, so `fps` only enters
+      the quality rule's time scales and the result's metadata; when unknown, `DEFAULT_FPS` (30 Hz) is used there
+      and `Result.params["fps"]` stays `None`.
+    - `K`: optional upper bound on the number of components (CaImAn `K`); by default the initialisation stops by itself
+      when a new component no longer explains more than noise.
+    - `p`: order of the AR model of the calcium (CaImAn `p`): 1 (instant rise) or 2 (rise and decay).
+    - `nb`: number of background components (CaImAn `gnb`).
+    - `merge_thr`: trace correlation above which overlapping components are merged (CaImAn `merge_thr`).
+    - `min_snr`, `rval_thr`: the acceptance rule's thresholds on the trace SNR and the spatial correlation
+      (CaImAn `min_SNR`, `rval_thr`); see `quality.evaluate_components` for the exact rule.
+    - `n_iter`: outer iterations of spatial -> background -> temporal updates (merging between iterations).
+    - `init`: "greedy" (somata, CaImAn `method_init="greedy_roi"`) or "sparse_nmf" (dendrites/axons).
+    - `spatial_method`: "constrained" (per-pixel noise-constrained sparse fit) or "hals" (faster HALS sweeps).
+    - `temporal_sweeps`: block-coordinate sweeps per temporal update (CaImAn `ITER`).
+    - `background_iter`: HALS iterations per background update.
+    - `s_min`: minimum spike size for the deconvolution (CaImAn `s_min`); 0 for the plain l1 problem.
+    - `lam`: fixed sparsity weight of the deconvolution; `None` (default) meets each trace's noise constraint.
+    - `seed`: seed of every random choice (the fit is deterministic for a fixed seed).
+    - `chunk_frames`: frames per chunk when streaming the movie for the noise estimate.
+    - `nonfinite`: "raise" (default: NaN/inf frames are an error) or "repair" (interpolated by `io.open_movie`).
+    """
+
+    neuron_radius: float
+    fps: float | None = None
+    K: int | None = None
+    p: int = 2
+    nb: int = 1
+    merge_thr: float = 0.85
+    min_snr: float = 2.5
+    rval_thr: float = 0.8
+    n_iter: int = 2
+    init: str = "greedy"
+    spatial_method: str = "constrained"
+    temporal_sweeps: int = 1
+    background_iter: int = 3
+    s_min: float = 0.0
+    lam: float | None = None
+    seed: int = 0
+    chunk_frames: int = 1000
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        check_params(self)
+
+    def to_dict(self) -> dict:
+        """The parameters as a JSON-able dict (what `Result.params` stores)."""
+        return dataclasses.asdict(self)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_params(prm: Params) -> None:
+    """Raise `ParameterError` naming the first parameter that is out of range (movie-independent checks only).
+
+    **Arguments:**
+
+    - `prm`: the parameters.
+
+    **Returns:** nothing.
+    """
+    def bad(name, why):
+        raise ParameterError(f"{name}={getattr(prm, name)!r}: {why}")
+
+    if prm.neuron_radius is None:
+        bad("neuron_radius", "the neuron radius in pixels is required (e.g. 4 for a 2-photon soma at 1 um/px); "
+                             "measure a typical cell on the mean image")
+    if not _is_real(prm.neuron_radius) or prm.neuron_radius <= 0:
+        bad("neuron_radius", "expected a positive number of pixels")
+    if prm.fps is not None and (not _is_real(prm.fps) or prm.fps <= 0):
+        bad("fps", "expected a positive frame rate in Hz, or None when unknown")
+    if prm.K is not None and (not _is_int(prm.K) or prm.K < 1):
+        bad("K", "expected a positive integer upper bound on the number of components, or None")
+    if prm.p not in (1, 2) or isinstance(prm.p, bool):
+        bad("p", "the AR order must be 1 or 2")
+    if not _is_int(prm.nb) or prm.nb < 1:
+        bad("nb", "expected at least one background component")
+    if not _is_real(prm.merge_thr) or not -1 <= prm.merge_thr <= 1:
+        bad("merge_thr", "expected a correlation in [-1, 1] (use 1 to disable merging)")
+    for name in ("min_snr", "rval_thr", "s_min"):
+        if not _is_real(getattr(prm, name)):
+            bad(name, "expected a finite number")
+    for name in ("n_iter", "temporal_sweeps", "background_iter", "chunk_frames"):
+        if not _is_int(getattr(prm, name)) or getattr(prm, name) < 1:
+            bad(name, "expected a positive integer")
+    if prm.init not in ("greedy", "sparse_nmf"):
+        bad("init", 'expected "greedy" or "sparse_nmf"')
+    if prm.spatial_method not in ("constrained", "hals"):
+        bad("spatial_method", 'expected "constrained" or "hals"')
+    if prm.lam is not None and (not _is_real(prm.lam) or prm.lam < 0):
+        bad("lam", "expected None (noise-constrained) or a non-negative sparsity weight")
+    if not _is_int(prm.seed):
+        bad("seed", "expected an integer")
+    if prm.nonfinite not in ("raise", "repair"):
+        bad("nonfinite", 'expected "raise" or "repair"')
+
+
+def make_params(neuron_radius=None, *, fps=None, K=None, params: Params | None = None, **overrides) -> Params:
+    """Build `Params` from `fit`'s arguments: `params` (if given) updated by the explicit arguments and `overrides`.
+
+    **Arguments:**
+
+    - `neuron_radius`, `fps`, `K`: as in `Params`; `None` keeps the value from `params`.
+    - `params`: a starting `Params`.
+    - `overrides`: any other `Params` field by name.
+
+    **Returns:** a validated `Params` (raises `ParameterError` on an unknown name or a bad value).
+    """
+    fields = {f.name for f in dataclasses.fields(Params)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ParameterError(f"unknown fit parameter(s) {unknown}; valid ones are {sorted(fields)}")
+    kw = {} if params is None else dataclasses.asdict(params)
+    kw.update(overrides)
+    for name, value in (("neuron_radius", neuron_radius), ("fps", fps), ("K", K)):
+        if value is not None:
+            kw[name] = value
+    kw.setdefault("neuron_radius", None)
+    return Params(**kw)
+
+
+def min_frames(prm: Params) -> int:
+    """The shortest movie `fit` accepts: enough frames for the AR(p) fit and the noise spectrum (max(10 p, 20))."""
+    return max(10 * prm.p, 20)
+
+
+def check_movie_shape(shape: tuple[int, int, int], prm: Params, name: str) -> None:
+    """Raise `MovieError`/`ParameterError` when the movie is too short or the neuron radius does not fit the field.
+
+    **Arguments:**
+
+    - `shape`: `(T, H, W)` of the movie; `prm`: the parameters; `name`: how to call the movie in messages.
+
+    **Returns:** nothing.
+    """
+    T, H, W = shape
+    if T < min_frames(prm):
+        raise MovieError(f"{name}: {T} frames is too short to fit; need at least {min_frames(prm)} frames "
+                         f"(10 per AR order p={prm.p}, and enough for the noise spectrum)")
+    if 2 * prm.neuron_radius + 1 > min(H, W):
+        raise ParameterError(f"neuron_radius={prm.neuron_radius!r}: a neuron of this radius does not fit in the "
+                             f"{H}x{W} field of view; give the radius in pixels (it must be below {(min(H, W) - 1) / 2})")
+
+
+class Progress:
+    """A plain text progress report on stderr: one line per finished stage with its elapsed time (or silent)."""
+
+    def __init__(self, enabled: bool, n_stages: int):
+        self.enabled = enabled
+        self.n = n_stages
+        self.i = 0
+        self.t0 = self.t = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def done(self, stage: str, info: str = "") -> None:
+        now = time.perf_counter()
+        self.i += 1
+        self.times[stage] = self.times.get(stage, 0.0) + now - self.t
+        if self.enabled:
+            width = 20
+            filled = min(width, round(width * self.i / max(self.n, 1)))
+            bar = "#" * filled + "." * (width - filled)
+            print(f"[{bar}] {stage:<24s} {now - self.t:6.1f} s  (total {now - self.t0:6.1f} s) {info}",
+                  file=sys.stderr, flush=True)
+        self.t = now
+
+
+def center_of_mass(A: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Centre of mass (row, col) of each footprint.
+
+    **Arguments:**
+
+    - `A`: `(d, K)` non-negative footprints, row-major pixels; `shape`: `(H, W)`.
+
+    **Returns:** `(K, 2)` float array (NaN for an all-zero footprint).
+    """
+    H, W = shape
+    A = np.asarray(A, np.float64)
+    rows, cols = np.divmod(np.arange(H * W), W)
+    mass = A.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([rows @ A / mass, cols @ A / mass], axis=1)
+
+
+def empty_result(shape: tuple[int, int, int], prm: Params, sn: np.ndarray | None = None,
+                 b: np.ndarray | None = None, f: np.ndarray | None = None, dtype=np.float32) -> Result:
+    """The documented result for a movie without any component (e.g. all zero): `K = 0`, background as given or zero.
+
+    **Arguments:**
+
+    - `shape`: `(T, H, W)`; `prm`: parameters; `sn`: `(H, W)` noise (zeros if `None`); `b`, `f`: `(d, nb)`,
+      `(nb, T)` background (zeros if `None`).
+
+    **Returns:** a `Result` with zero components.
+    """
+    T, H, W = shape
+    z = lambda *s: np.zeros(s, dtype)  # noqa: E731
+    b = z(H * W, prm.nb) if b is None else np.asarray(b, dtype)
+    f = z(prm.nb, T) if f is None else np.asarray(f, dtype)
+    return Result(
+        A=z(0, H, W), C=z(0, T), S=z(0, T), b=b.T.reshape(-1, H, W), f=f,
+        sn=z(H, W) if sn is None else np.asarray(sn, dtype), g=z(0, prm.p), YrA=z(0, T),
+        baseline=z(0), c1=z(0), lam=z(0), snr=z(0), r_value=z(0), accepted=np.zeros(0, bool),
+        centers=z(0, 2), params=prm.to_dict(), version=__version__,
+    )
+
+
+def _select(idx, *arrays):
+    """Keep the components `idx` of per-component arrays (axis 0), `None` passing through."""
+    return tuple(None if x is None else x[idx] for x in arrays)
+
+
+def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = None, K: int | None = None,
+        params: Params | None = None, progress: bool = False, **overrides) -> Result:
+    """Fit CNMF to a movie: find the neurons, their footprints, denoised calcium, spikes and the background.
+
+    Pipeline (each stage a public function): per-pixel noise (`noise.estimate_noise_movie`) -> initialisation
+    (`init.greedy_init`, or `init.sparse_nmf_init` with `init="sparse_nmf"`) -> `n_iter` times [footprints
+    (`spatial.update_spatial`, then `spatial.cleanup_footprints`) -> background (`background.update_background`) ->
+    traces and kinetics (`temporal.update_temporal`) -> merging of split components (`merge.merge_components`, between
+    iterations, so the last traces are freshly deconvolved)] -> quality (`quality.evaluate_components`).
+    Empty or degenerate components (zero footprint or trace, non-finite values) are dropped after every stage.
+    Inputs are checked before any heavy work. Deterministic for a fixed `seed`.
+
+    **Arguments:**
+
+    - `movie`: a `(T, H, W)` array, a path (TIFF, folder of TIFFs, .npy, .h5:/dataset) or an `io.MovieSource`.
+    - `neuron_radius`: expected soma radius in pixels (required, here or in `params`).
+    - `fps`: frame rate in Hz, optional (see `Params.fps`).
+    - `K`: optional upper bound on the number of components.
+    - `params`: a `Params` to start from; `neuron_radius`, `fps`, `K` and `overrides` (any `Params` field) win.
+    - `progress`: print one line per stage with elapsed times to stderr.
+
+    **Returns:** a `Result` with ALL components kept, ordered accepted first (each part by decreasing SNR), with
+    `accepted`, `snr` and `r_value` per component; footprints `A` `(K, H, W)` have unit l2 norm. A movie with no
+    signal (e.g. all zero) gives a `Result` with `K = 0` rather than an error.
+
+    Raises `ParameterError` (bad parameter, radius that does not fit the field) or `MovieError` (unreadable movie,
+    too few frames, non-finite values with `nonfinite="raise"`) before any fitting.
+    """
+    from .io import open_movie
+
+    prm = make_params(neuron_radius, fps=fps, K=K, params=params, **overrides)
+    source = open_movie(movie, nonfinite=prm.nonfinite, min_frames=1)
+    name = source.path or "movie"
+    check_movie_shape(tuple(source.shape), prm, name)
+    T, H, W = source.shape
+    prog = Progress(progress, n_stages=3 + 4 * prm.n_iter)
+
+    Y = np.asarray(source.read(), np.float32)
+    prog.done("read movie", f"{T} frames of {H}x{W}")
+    if not np.isfinite(Y).all():  # io guarantees this; a cheap second guard before JAX sees the data
+        raise MovieError(f"{name}: the movie holds NaN or infinite values; pass nonfinite='repair' to interpolate them")
+    if float(Y.max()) == float(Y.min()):
+        return empty_result((T, H, W), prm)
+    return fit_array(Y, prm, prog)
+
+
+def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Result:
+    """The fit itself on a checked `(T, H, W)` float array (see `fit`, which validates and loads the movie first).
+
+    **Arguments:**
+
+    - `Y`: `(T, H, W)` finite movie; `prm`: validated parameters; `prog`: optional progress reporter.
+
+    **Returns:** the `Result` described in `fit`.
+    """
+    import jax
+
+    from .background import update_background
+    from .init import greedy_init, sparse_nmf_init
+    from .merge import degenerate_components, merge_components
+    from .noise import estimate_noise_movie
+    from .quality import evaluate_components
+    from .spatial import cleanup_footprints, update_spatial
+    from .temporal import update_temporal
+
+    prog = prog or Progress(False, 1)
+    T, H, W = Y.shape
+    d = H * W
+    fps_eff = prm.fps if prm.fps is not None else DEFAULT_FPS
+    radius = float(prm.neuron_radius)
+
+    sn = np.asarray(estimate_noise_movie(Y, chunk_frames=prm.chunk_frames), np.float32)
+    sn_flat = jnp.asarray(sn.reshape(d))
+    prog.done("noise", f"median sn {float(np.median(sn)):.3g}")
+
+    key = jax.random.PRNGKey(prm.seed)
+    if prm.init == "greedy":
+        ini = greedy_init(Y, radius, K=prm.K, nb=prm.nb, fps=prm.fps, key=key)
+    else:
+        ini = sparse_nmf_init(Y, prm.K or _default_nmf_k(H, W, radius), nb=prm.nb, key=key)
+    Yr = jnp.asarray(np.ascontiguousarray(Y.reshape(T, d).T))
+    del Y
+    A, C = jnp.asarray(ini.A, jnp.float32), jnp.asarray(ini.C, jnp.float32)
+    b, f = jnp.asarray(ini.b, jnp.float32), jnp.asarray(ini.f, jnp.float32)
+    A, C = _drop_degenerate(A, C)
+    prog.done("initialise", f"{A.shape[1]} components")
+
+    tr = None
+    for it in range(prm.n_iter):
+        if A.shape[1] == 0:
+            break
+        A, b = update_spatial(Yr, A, C, b, f, sn_flat, radius=radius, shape=(H, W), method=prm.spatial_method)
+        A, norms = cleanup_footprints(A, (H, W))
+        C = C * jnp.asarray(norms, C.dtype)[:, None]
+        A, C = _drop_degenerate(A, C)
+        prog.done(f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
+        if A.shape[1] == 0:
+            break
+        b, f = update_background(Yr, A, C, b, f, n_iter=prm.background_iter)
+        prog.done(f"background {it + 1}/{prm.n_iter}")
+        tr = update_temporal(Yr, A, C, b, f, p=prm.p, n_sweeps=prm.temporal_sweeps, lam=prm.lam, s_min=prm.s_min)
+        C, f = tr.C, tr.f
+        keep = np.flatnonzero(~degenerate_components(A, C))
+        A, C = A[:, keep], C[keep]
+        tr = _take_temporal(tr, keep)
+        prog.done(f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
+        if it < prm.n_iter - 1 and prm.merge_thr < 1 and A.shape[1] > 1:
+            mr = merge_components(A, C, thr=prm.merge_thr)
+            A, C = mr.A, mr.C
+            prog.done(f"merge {it + 1}/{prm.n_iter}", f"{len(mr.groups)} merges, {A.shape[1]} components")
+        else:
+            prog.done(f"merge {it + 1}/{prm.n_iter}", "skipped")
+
+    if A.shape[1] == 0 or tr is None:
+        return empty_result((T, H, W), prm, sn=sn, b=b, f=f)
+
+    q = evaluate_components(Yr, A, C, b, f, sn_flat, tr.YrA, fps=fps_eff, min_snr=prm.min_snr, rval_thr=prm.rval_thr)
+    snr, r_value, accepted = (np.asarray(x) for x in (q.snr, q.r_value, q.accepted))
+    order = np.lexsort((-np.nan_to_num(snr, nan=-np.inf), ~accepted.astype(bool)))
+    prog.done("quality", f"{int(accepted.sum())} of {len(accepted)} accepted")
+
+    A_np = np.asarray(A)[:, order]
+    per = lambda x: np.asarray(x)[order]  # noqa: E731
+    return Result(
+        A=A_np.T.reshape(-1, H, W), C=per(tr.C), S=per(tr.S), b=np.asarray(b).T.reshape(-1, H, W),
+        f=np.asarray(f), sn=sn, g=per(tr.g), YrA=per(tr.YrA), baseline=per(tr.baseline), c1=per(tr.c1),
+        lam=per(tr.lam), snr=snr[order], r_value=r_value[order], accepted=accepted[order].astype(bool),
+        centers=center_of_mass(A_np, (H, W)).astype(np.float32), params=prm.to_dict(), version=__version__,
+    )
+
+
+def _default_nmf_k(H: int, W: int, radius: float) -> int:
+    """Components for the sparse-NMF start when K is not given: about one per 4 neuron areas of the field."""
+    return max(1, int(H * W / (4 * math.pi * radius**2)))
+
+
+def _drop_degenerate(A, C):
+    keep = np.flatnonzero(~_degenerate(A, C))
+    return A[:, keep], C[keep]
+
+
+def _degenerate(A, C):
+    from .merge import degenerate_components
+
+    return degenerate_components(A, C)
+
+
+def _take_temporal(tr, keep):
+    """Select components `keep` of a `TemporalResult` (the background trace `f` is shared and kept)."""
+    return type(tr)(C=tr.C[keep], S=tr.S[keep], YrA=tr.YrA[keep], g=tr.g[keep], baseline=tr.baseline[keep],
+                    c1=tr.c1[keep], lam=tr.lam[keep], f=tr.f, sn=tr.sn[keep])
