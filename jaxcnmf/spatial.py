@@ -1,0 +1,427 @@
+"""Spatial update of the CNMF fit: footprints A and background b given the traces C and f, plus search areas and
+footprint clean-up. Sits between the initialisation / temporal update and the background / merge stages of `fit`.
+
+Internal layout: Yr (d, T) with d = H*W pixels in row-major order, A (d, K), C (K, T), b (d, nb), f (nb, T), sn (d,).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from scipy import ndimage
+
+from .errors import ParameterError
+
+__all__ = [
+    "update_spatial",
+    "search_areas",
+    "cleanup_footprints",
+    "spatial_statistics",
+    "solve_pixel",
+]
+
+
+# ------------------------------------------------------------------------------------------------------- search areas
+
+
+def _disk(radius: float) -> np.ndarray:
+    half = int(math.floor(radius))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    return (yy**2 + xx**2 <= radius**2 + 1e-9).astype(np.float32)
+
+
+def _dilate(masks: jax.Array, element: np.ndarray) -> jax.Array:
+    """Binary dilation of a (K, H, W) stack of masks by a 2-D structuring element (a convolution, then > 0)."""
+    K, H, W = masks.shape
+    x = masks.astype(jnp.float32).reshape(K, 1, H, W)
+    k = jnp.asarray(element, jnp.float32)[None, None]
+    return lax.conv_general_dilated(x, k, (1, 1), "SAME").reshape(K, H, W) > 0.5
+
+
+def search_areas(
+    A,
+    shape: tuple[int, int],
+    radius: float,
+    *,
+    threshold: float = 0.1,
+    compact: bool = True,
+) -> jax.Array:
+    """Where each footprint may grow in the next spatial update: its thresholded support, dilated.
+
+    The support of a_k is {i : a_ik > threshold * max_i a_ik}. With `compact=True` (somata; CaImAn's `dist`/ellipse
+    search) it is dilated by a disk of `radius` pixels, so a footprint can grow by up to one neuron radius. With
+    `compact=False` (dendrites, axons) the dilation follows the shape itself: a 3x3 cross applied
+    max(1, round(radius / 2)) times, so thin processes get a thin search band rather than a blob.
+
+    **Arguments:**
+
+    - `A`: (d, K) footprints, d = H*W (row-major).
+    - `shape`: (H, W) of the field of view.
+    - `radius`: neuron radius in pixels (> 0).
+    - `threshold`: fraction of each footprint's maximum below which a weight is not part of its support.
+    - `compact`: disk dilation (somata) or shape-following dilation (dendrites).
+
+    **Returns:** bool (d, K); all False for an empty column.
+    """
+    H, W = int(shape[0]), int(shape[1])
+    A = jnp.asarray(A)
+    if A.ndim != 2 or A.shape[0] != H * W:
+        raise ParameterError(f"A: expected shape (H*W, K) = ({H * W}, K) for shape={shape}, got {A.shape}.")
+    if not radius > 0:
+        raise ParameterError(f"radius={radius!r}: must be a positive number of pixels.")
+    K = A.shape[1]
+    if K == 0:
+        return jnp.zeros((H * W, 0), bool)
+    Ak = A.T.reshape(K, H, W)
+    peak = jnp.max(Ak, axis=(1, 2), keepdims=True)
+    support = (Ak > threshold * peak) & (peak > 0)
+    if compact:
+        area = _dilate(support, _disk(radius))
+    else:
+        cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.float32)
+        area = support
+        for _ in range(max(1, int(round(radius / 2)))):
+            area = _dilate(area, cross)
+    return area.reshape(K, H * W).T
+
+
+# ---------------------------------------------------------------------------------------------------------- clean-up
+
+
+def cleanup_footprints(
+    A,
+    shape: tuple[int, int],
+    *,
+    connected: bool = True,
+    min_weight: float = 0.01,
+    normalise: bool = True,
+):
+    """Post-process footprints: keep the main connected piece, drop tiny weights, scale columns to unit l2 norm.
+
+    For each column a_k: (1) weights below `min_weight * max(a_k)` are set to zero; (2) with `connected=True` only the
+    8-connected piece of the remaining support holding the largest energy (sum of a^2) is kept (somata; use
+    `connected=False` for dendrites, whose branches may look disconnected); (3) with `normalise=True` the column is
+    divided by its l2 norm. Host-side post-processing (scipy.ndimage.label), not differentiable.
+
+    **Arguments:**
+
+    - `A`: (d, K) non-negative footprints, d = H*W (row-major).
+    - `shape`: (H, W).
+    - `connected`: keep only the most energetic connected piece.
+    - `min_weight`: relative weight below which a pixel is dropped (0 keeps all positive weights).
+    - `normalise`: scale each non-empty column to unit l2 norm.
+
+    **Returns:** `(A_clean, norms)`: A_clean (d, K) (same dtype as A), norms (K,) the l2 norm of each cleaned column
+    before normalisation (zero for an empty one). The caller keeps the model A C unchanged by `C *= norms[:, None]`.
+    """
+    H, W = int(shape[0]), int(shape[1])
+    A_in = jnp.asarray(A)
+    if A_in.ndim != 2 or A_in.shape[0] != H * W:
+        raise ParameterError(f"A: expected shape (H*W, K) = ({H * W}, K) for shape={shape}, got {A_in.shape}.")
+    a = np.array(A_in, dtype=np.float64)
+    K = a.shape[1]
+    a = np.maximum(a, 0.0)
+    peak = a.max(axis=0, initial=0.0)
+    a[a < min_weight * peak[None, :]] = 0.0
+    if connected and K:
+        stack = a.T.reshape(K, H, W)
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1] = True  # 8-connectivity within a plane, none across components
+        labels, n = ndimage.label(stack > 0, structure=structure)
+        if n:
+            energy = ndimage.sum_labels(stack**2, labels, index=np.arange(1, n + 1))
+            owner = ndimage.maximum(np.arange(K)[:, None, None] * np.ones_like(labels), labels, np.arange(1, n + 1))
+            owner = np.asarray(owner, int)
+            best = np.zeros(K, int)
+            best_e = np.full(K, -1.0)
+            for lab, (k, e) in enumerate(zip(owner, energy), start=1):
+                if e > best_e[k]:
+                    best_e[k], best[k] = e, lab
+            keep = labels == best[:, None, None]
+            stack = np.where(keep & (labels > 0), stack, 0.0)
+            a = stack.reshape(K, H * W).T
+    norms = np.sqrt((a**2).sum(axis=0))
+    if normalise:
+        a = a / np.where(norms > 0, norms, 1.0)[None, :]
+    return jnp.asarray(a, A_in.dtype), jnp.asarray(norms, A_in.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- sufficient statistics
+
+
+def spatial_statistics(Yr, C, b, f, *, block: int = 4096):
+    """One pass over the movie: the per-pixel statistics the spatial update needs.
+
+    With F = [C; f] ((K + nb), T) and r_i = y_i - b_i f (each pixel minus its current background, which keeps the
+    float32 sums well conditioned on movies with a large baseline):
+
+    **Arguments:** `Yr` (d, T); `C` (K, T); `b` (d, nb); `f` (nb, T); `block` pixels per chunk of the pass.
+
+    **Returns:** `(Q, G, rr)`: Q = R F' (d, K + nb), G = F F' (K + nb, K + nb), rr = ||r_i||^2 (d,).
+    """
+    Yr = jnp.asarray(Yr)
+    d, T = Yr.shape
+    F = jnp.concatenate([C, f], axis=0).astype(Yr.dtype)
+    G = F @ F.T
+    nblk = max(1, -(-d // block))
+    dp = nblk * block
+    Yp = jnp.pad(Yr, ((0, dp - d), (0, 0))).reshape(nblk, block, T)
+    bp = jnp.pad(b.astype(Yr.dtype), ((0, dp - d), (0, 0))).reshape(nblk, block, -1)
+
+    def one(args):
+        y, bb = args
+        r = y - bb @ f
+        return r @ F.T, jnp.sum(r * r, axis=1)
+
+    Q, rr = lax.map(one, (Yp, bp))
+    return Q.reshape(dp, -1)[:d], G, rr.reshape(dp)[:d]
+
+
+# ------------------------------------------------------------------------------------------------- per-pixel solver
+
+
+def _cd(x, G, q, lam_w, lo, free, n_sweeps):
+    """Coordinate descent (= HALS restricted to one pixel) on 1/2 x'Gx - q'x + lam_w'x, x >= lo, fixed sweeps."""
+    n = x.shape[0]
+
+    def coord(j, x):
+        gjj = G[j, j]
+        step = (G[j] @ x - q[j] + lam_w[j]) / jnp.where(gjj > 0, gjj, 1.0)
+        xj = jnp.where(free[j] & (gjj > 0), jnp.maximum(lo[j], x[j] - step), lo[j])
+        return x.at[j].set(xj)
+
+    return lax.fori_loop(0, n_sweeps * n, lambda i, x: coord(i % n, x), x)
+
+
+def _residual(x, G, q, rr):
+    """||r - x F||^2 from the statistics: rr - 2 q'x + x'Gx."""
+    return rr - 2.0 * (q @ x) + x @ (G @ x)
+
+
+def _solve_forward(G, q, rr, budget, free, w, lo, x0, n_sweeps, n_lambda, constrained):
+    """Forward solve of one pixel; returns (x, lam)."""
+    x0 = jnp.where(free, jnp.maximum(x0, lo), lo)
+    zero = jnp.zeros_like(q)
+    x_ls = _cd(x0, G, q, zero, lo, free, 4 * n_sweeps)
+    if not constrained:
+        return x_ls, jnp.zeros((), q.dtype)
+    # the sparsest point: all penalised weights at zero, the free (background) part refitted
+    free_bg = free & (w == 0)
+    x_bg = _cd(jnp.where(free_bg, x_ls, lo), G, q, zero, lo, free_bg, 4 * n_sweeps)
+    lam_max = jnp.max(jnp.where(free & (w > 0), q - G @ x_bg, 0.0))
+    lam_max = jnp.maximum(lam_max, 0.0)
+    phi_lo = _residual(x_ls, G, q, rr) - budget
+    phi_hi = _residual(x_bg, G, q, rr) - budget
+
+    # Illinois regula falsi on phi(lam) = residual(x(lam)) - budget, increasing in lam, bracket [0, lam_max]
+    def body(_, s):
+        l_lo, p_lo, x_lo, l_hi, p_hi, x_hi, side = s
+        denom = p_hi - p_lo
+        lam = jnp.where(denom > 0, l_lo - p_lo * (l_hi - l_lo) / jnp.where(denom > 0, denom, 1.0), 0.5 * (l_lo + l_hi))
+        lam = jnp.clip(lam, l_lo, l_hi)
+        x = _cd(x_lo, G, q, lam * w, lo, free, n_sweeps)
+        p = _residual(x, G, q, rr) - budget
+        below = p <= 0
+        # Illinois: halve the kept end's value when the same end is kept twice in a row
+        p_hi = jnp.where(below & (side == 1), 0.5 * p_hi, p_hi)
+        p_lo = jnp.where(~below & (side == -1), 0.5 * p_lo, p_lo)
+        l_lo, p_lo, x_lo = jnp.where(below, lam, l_lo), jnp.where(below, p, p_lo), jnp.where(below, x, x_lo)
+        l_hi, p_hi, x_hi = jnp.where(below, l_hi, lam), jnp.where(below, p_hi, p), jnp.where(below, x_hi, x)
+        side = jnp.where(below, 1, -1).astype(jnp.int32)
+        return l_lo, p_lo, x_lo, l_hi, p_hi, x_hi, side
+
+    state = (jnp.zeros_like(lam_max), phi_lo, x_ls, lam_max, phi_hi, x_bg, jnp.zeros((), jnp.int32))
+    l_lo, _, x_lo, _, _, _, _ = lax.fori_loop(0, n_lambda, body, state)
+    # three cases: least squares already misses the budget (lam = 0, keep x_ls); the sparsest point meets it
+    # (keep x_bg, no penalised weight is needed); otherwise the root found by the search
+    x = jnp.where(phi_lo >= 0, x_ls, jnp.where(phi_hi <= 0, x_bg, x_lo))
+    lam = jnp.where((phi_lo >= 0) | (phi_hi <= 0), 0.0, l_lo)
+    return x, lam
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def solve_pixel(G, q, rr, budget, free, w, lo, x0, n_sweeps=10, n_lambda=20, constrained=True):
+    """One pixel's noise-constrained non-negative lasso (MATH.md "Spatial update"), differentiable.
+
+    Solves  minimise w'x  subject to  x >= lo,  rr - 2 q'x + x'Gx <= budget,  with the entries where `free` is False
+    held at `lo`, through its Lagrangian form minimise 1/2 x'Gx - q'x + lam w'x: coordinate descent for a fixed lam
+    (warm-started, `n_sweeps` sweeps), and a safeguarded regula-falsi (Illinois) search over lam in [0, lam_max] that
+    meets the budget (`n_lambda` steps). If least squares (lam = 0) already leaves more than the budget, the
+    least-squares point is returned; if the budget is met with every penalised weight at zero, that point is returned.
+    With `constrained=False` it is plain non-negative least squares (the HALS relative), warm-started at x0.
+
+    Gradients (custom VJP): implicit differentiation of the optimality conditions on the active set (entries above
+    their bound), together with the budget equation when it binds; the bounds `lo`, the masks and x0 get no
+    gradient.
+
+    **Arguments:** `G` (n, n) Gram matrix of the traces; `q` (n,) traces times the pixel's data; `rr` the data's
+    squared norm; `budget` the allowed residual energy (sn^2 T); `free` (n,) bool; `w` (n,) l1 weights (1 for a
+    component, 0 for a background term); `lo` (n,) lower bounds; `x0` (n,) warm start; `n_sweeps`, `n_lambda` fixed
+    iteration counts; `constrained` as above.
+
+    **Returns:** x (n,).
+    """
+    x, _ = _solve_forward(G, q, rr, budget, free, w, lo, x0, n_sweeps, n_lambda, constrained)
+    return x
+
+
+def _solve_fwd(G, q, rr, budget, free, w, lo, x0, n_sweeps, n_lambda, constrained):
+    x, lam = _solve_forward(G, q, rr, budget, free, w, lo, x0, n_sweeps, n_lambda, constrained)
+    return x, (G, q, x, lam, free, w, lo, x0, rr, budget)
+
+
+def _solve_bwd(n_sweeps, n_lambda, constrained, res, xbar):
+    G, q, x, lam, free, w, lo, x0, rr, budget = res
+    n = x.shape[0]
+    act = free & (x > lo)
+    bind = lam > 0
+    safe_lam = jnp.where(bind, lam, 1.0)
+    both = act[:, None] & act[None, :]
+    J = jnp.where(both, G, jnp.eye(n, dtype=G.dtype))
+    col = jnp.where(act & bind, w, 0.0)
+    J = jnp.block([[J, col[:, None]], [col[None, :], jnp.where(bind, 0.0, 1.0)[None, None]]])
+    rhs = jnp.concatenate([jnp.where(act, xbar, 0.0), jnp.zeros((1,), G.dtype)])
+    u = jnp.linalg.solve(J, rhs)
+    ux = jnp.where(act, u[:n], 0.0)
+    ul = jnp.where(bind, u[n], 0.0)
+    q_bar = ux - ul * x / safe_lam
+    G_bar = -jnp.outer(ux, x) + (ul / (2.0 * safe_lam)) * jnp.outer(x, x)
+    rr_bar = ul / (2.0 * safe_lam)
+    budget_bar = -rr_bar
+    zeros = jnp.zeros_like
+    return G_bar, q_bar, rr_bar, budget_bar, None, zeros(w), zeros(lo), zeros(x0)
+
+
+solve_pixel.defvjp(_solve_fwd, _solve_bwd)
+
+
+@partial(jax.jit, static_argnames=("n_sweeps", "n_lambda", "constrained"))
+def _solve_all(Q, G, rr, budget, idx, valid, A, b, *, n_sweeps, n_lambda, constrained):
+    """Gather each pixel's small problem (its m candidate components + nb background terms), solve all with vmap."""
+    d, m = idx.shape
+    K = A.shape[1]
+    nb = b.shape[1]
+    full = jnp.concatenate([idx, jnp.broadcast_to(K + jnp.arange(nb), (d, nb))], axis=1)  # (d, n)
+    Gs = G[full[:, :, None], full[:, None, :]]
+    qs = jnp.take_along_axis(Q, full, axis=1)
+    free = jnp.concatenate([valid, jnp.ones((d, nb), bool)], axis=1)
+    w = jnp.concatenate([jnp.ones((m,), Q.dtype), jnp.zeros((nb,), Q.dtype)])
+    lo = jnp.concatenate([jnp.zeros((d, m), Q.dtype), -b], axis=1)  # background solved as a shift from b
+    x0 = jnp.concatenate([jnp.where(valid, jnp.take_along_axis(A, idx, axis=1), 0.0), jnp.zeros((d, nb), Q.dtype)], 1)
+    solve = partial(solve_pixel, n_sweeps=n_sweeps, n_lambda=n_lambda, constrained=constrained)
+    x = jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, None, 0, 0))(Gs, qs, rr, budget, free, w, lo, x0)
+    xa = jnp.where(valid, x[:, :m], 0.0)
+    A_new = jnp.zeros((d, K), Q.dtype).at[jnp.arange(d)[:, None], idx].add(xa)
+    b_new = b + x[:, m:]
+    return A_new, b_new
+
+
+def _candidates(search: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the indices of the components whose search area holds it, padded to a multiple of 4 columns."""
+    d, K = search.shape
+    counts = search.sum(axis=1)
+    m = int(counts.max(initial=0))
+    m = max(4, 4 * (-(-m // 4)))
+    order = np.argsort(~search, axis=1, kind="stable")[:, :m] if K else np.zeros((d, 0), int)
+    if order.shape[1] < m:
+        order = np.pad(order, ((0, 0), (0, m - order.shape[1])))
+    valid = np.take_along_axis(search, order, axis=1) if K else np.zeros((d, m), bool)
+    valid = valid & (np.arange(m)[None, :] < counts[:, None])
+    return order.astype(np.int32), valid
+
+
+# ------------------------------------------------------------------------------------------------------ the update
+
+
+def update_spatial(
+    Yr,
+    A,
+    C,
+    b,
+    f,
+    sn,
+    *,
+    search=None,
+    radius: float | None = None,
+    shape: tuple[int, int] | None = None,
+    n_iter: int = 10,
+    n_lambda: int = 20,
+    method: str = "constrained",
+    compact: bool = True,
+    block: int = 4096,
+):
+    """Spatial update: new footprints A and background b for fixed traces C, f (CaImAn's `update_spatial_components`).
+
+    For every pixel i, with its candidate components k (those whose search area holds i) and all nb background terms:
+
+    - `method="constrained"` (MATH.md "Spatial update"): minimise ||a_i||_1 over a_i >= 0, b_i >= 0 subject to
+      ||y_i - a_i C - b_i f||^2 <= sn_i^2 T (the background terms are not penalised). If even the least-squares fit
+      leaves more than sn_i^2 T, the non-negative least-squares fit is returned for that pixel.
+    - `method="hals"`: the fast relative, non-negative least squares for the same variables by `n_iter` coordinate
+      (HALS) sweeps started from the current A and b.
+
+    Everything is computed from one pass over the movie (Y F', F F' and each pixel's energy, with F = [C; f]), so each
+    pixel's problem is small (its candidates plus nb) and all pixels are solved at once (vmap). Differentiable: the
+    gradient with respect to Yr, C, f and sn comes from implicit differentiation of each pixel's optimality conditions
+    (see `solve_pixel`); search areas and the starting A, b are treated as constants.
+
+    **Arguments:**
+
+    - `Yr`: movie (d, T), d = H*W pixels in row-major order.
+    - `A`: (d, K) current footprints (the warm start; with `search=None` they define the search areas).
+    - `C`: (K, T) traces; `b`: (d, nb) background maps; `f`: (nb, T) background traces.
+    - `sn`: (d,) noise sd of each pixel.
+    - `search`: (d, K) bool, where each component may be non-zero; None -> `search_areas(A, shape, radius,
+      compact=compact)` (then `radius` and `shape` are required).
+    - `radius`: neuron radius in pixels (for the search areas); `shape`: (H, W).
+    - `n_iter`: coordinate-descent sweeps per inner solve (HALS: the number of sweeps; constrained: sweeps per value of
+      the multiplier, four times that for the first least-squares solve).
+    - `n_lambda`: steps of the search on the multiplier (constrained only).
+    - `method`: "constrained" or "hals".
+    - `compact`: search-area shape when `search` is None (see `search_areas`).
+    - `block`: pixels per chunk of the pass over the movie.
+
+    **Returns:** `(A, b)`: A (d, K) >= 0, zero outside the search areas; b (d, nb) >= 0. Footprints are not
+    normalised here (see `cleanup_footprints`).
+    """
+    if method not in ("constrained", "hals"):
+        raise ParameterError(f"method={method!r}: choose 'constrained' or 'hals'.")
+    Yr = jnp.asarray(Yr)
+    if Yr.ndim != 2:
+        raise ParameterError(f"Yr: expected a (pixels, frames) array, got shape {Yr.shape}.")
+    d, T = Yr.shape
+    dtype = Yr.dtype if jnp.issubdtype(Yr.dtype, jnp.floating) else jnp.float32
+    Yr = Yr.astype(dtype)
+    A = jnp.asarray(A, dtype)
+    C = jnp.asarray(C, dtype)
+    b = jnp.asarray(b, dtype)
+    f = jnp.asarray(f, dtype)
+    sn = jnp.asarray(sn, dtype).reshape(-1)
+    K = A.shape[1] if A.ndim == 2 else -1
+    if A.shape != (d, K) or C.shape != (K, T):
+        raise ParameterError(f"A {A.shape} and C {C.shape} do not match Yr {Yr.shape}: need A (d, K) and C (K, T).")
+    if b.ndim != 2 or b.shape[0] != d or f.shape != (b.shape[1], T):
+        raise ParameterError(f"b {b.shape} and f {f.shape} do not match Yr {Yr.shape}: need b (d, nb), f (nb, T).")
+    if sn.shape != (d,):
+        raise ParameterError(f"sn: expected one noise level per pixel ({d},), got shape {sn.shape}.")
+    if n_iter < 1 or n_lambda < 0:
+        raise ParameterError(f"n_iter={n_iter!r} must be >= 1 and n_lambda={n_lambda!r} >= 0.")
+    if search is None:
+        if radius is None or shape is None:
+            raise ParameterError("update_spatial: give either `search` (d, K) or both `radius` and `shape` (H, W).")
+        search = search_areas(A, shape, radius, compact=compact)
+    search = np.asarray(search, bool)
+    if search.shape != (d, K):
+        raise ParameterError(f"search: expected a bool array of shape ({d}, {K}), got {search.shape}.")
+    idx, valid = _candidates(search)
+    Q, G, rr = spatial_statistics(Yr, C, b, f, block=block)
+    budget = sn * sn * T
+    return _solve_all(
+        Q, G, rr, budget, jnp.asarray(idx), jnp.asarray(valid), A, b,
+        n_sweeps=int(n_iter), n_lambda=int(n_lambda), constrained=method == "constrained",
+    )
