@@ -204,9 +204,9 @@ class _TiffFolderReader:
             frame = frame[0]
         if frame.shape != self.shape[1:] or frame.dtype != self.dtype:
             raise MovieError(
-                f"frame {i} of folder '{self.path}' ('{name}') has shape {frame.shape} and dtype {frame.dtype}, but the "
-                f"first frame has shape {self.shape[1:]} and dtype {self.dtype}; every file must hold one frame of the "
-                f"same size and type."
+                f"frame {i} of folder '{self.path}' ('{name}') has shape {frame.shape} and dtype {frame.dtype}, but "
+                f"the first frame has shape {self.shape[1:]} and dtype {self.dtype}; every file must hold one frame of "
+                f"the same size and type."
             )
         return frame
 
@@ -241,8 +241,8 @@ class _H5Reader:
             return np.asarray(self._h5[self.dataset][start:stop])
         except Exception as e:
             raise MovieError(
-                f"HDF5 dataset '{self.path}' could not be read at frames {start}..{stop - 1} ({type(e).__name__}: {e}); "
-                f"the file is corrupt or truncated: re-copy it."
+                f"HDF5 dataset '{self.path}' could not be read at frames {start}..{stop - 1} ({type(e).__name__}: "
+                f"{e}); the file is corrupt or truncated: re-copy it."
             ) from e
 
     def close(self) -> None:
@@ -319,7 +319,7 @@ def _open_tiff(path: str) -> _ArrayReader | _TiffPagesReader:
         for k, page in enumerate(series.pages):
             ends = [] if page is None else [o + c for o, c in zip(page.dataoffsets, page.databytecounts)]
             if page is None or (ends and max(ends) > size):
-                raise MovieError(f"{what}: the data of frame {k} lies beyond the end of the file ({size} bytes); {fix}.")
+                raise MovieError(f"{what}: the data of frame {k} lies past the end of the file ({size} bytes); {fix}.")
     except BaseException:
         tif.close()
         raise
@@ -727,7 +727,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     if os.path.isdir(path):
         raise ParameterError(f"output path '{path}' is a folder; pass a file name.")
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ParameterError(f"cannot create the output folder '{folder}' for '{path}' ({e}); choose another path.") from e
     suffix = "".join(Path(name).suffixes[-1:])
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
@@ -800,7 +803,8 @@ def save_movie(path: str | os.PathLike, movie: Any, *, bigtiff: bool | None = No
                 if dataset in f:
                     del f[dataset]
                 rows = max(1, min(shape[0], 2**20 // max(1, shape[1] * shape[2] * dtype.itemsize)))
-                ds = f.create_dataset(dataset, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:] if shape[0] else None)
+                chunking = (rows,) + shape[1:] if shape[0] else None
+                ds = f.create_dataset(dataset, shape=shape, dtype=dtype, chunks=chunking)
                 for start, chunk in chunks:
                     ds[start : start + len(chunk)] = chunk
         return f"{os.path.abspath(file)}:{dataset}"
@@ -880,8 +884,8 @@ def save_result(path: str | os.PathLike, result: Result) -> str:
     """Write a `Result` atomically as `.h5` (one root dataset per array) or `.npz`, readable without jaxcnmf.
 
     Layout: `A` (K,H,W), `C`, `S`, `YrA` (K,T), `b` (nb,H,W), `f` (nb,T), `sn` (H,W), `g` (K,p), and the optional
-    per-component arrays present; `params` (JSON string) and `jaxcnmf_version` are root attributes in HDF5 and 0-d string
-    arrays in `.npz`.
+    per-component arrays present; `params` (JSON string) and `jaxcnmf_version` are root attributes in HDF5 and 0-d
+    string arrays in `.npz`.
 
     **Arguments:**
 

@@ -138,6 +138,18 @@ def test_bigtiff(tmp_path):
         check_chunks(src, movie.astype(np.float32), 4)
 
 
+def test_bigtiff_chosen_by_size(tmp_path, monkeypatch):
+    movie = make_movie(np.uint8, shape=(4, 8, 8))  # 256 bytes
+    monkeypatch.setattr(io, "_BIGTIFF_BYTES", 255)
+    io.save_movie(tmp_path / "over.tif", movie)
+    monkeypatch.setattr(io, "_BIGTIFF_BYTES", 256)
+    io.save_movie(tmp_path / "under.tif", movie)
+    for name, big in (("over.tif", True), ("under.tif", False)):
+        with tifffile.TiffFile(tmp_path / name) as tif:
+            assert tif.is_bigtiff == big
+        np.testing.assert_array_equal(io.load_movie(tmp_path / name), movie.astype(np.float32))
+
+
 def test_save_movie_streams_a_movie_source(tmp_path):
     movie = make_movie(np.uint16, shape=(11, 5, 6))
     tifffile.imwrite(tmp_path / "z.tif", movie, compression="zlib")
@@ -615,6 +627,10 @@ def test_atomic_output_directly(tmp_path):
     assert target.read_bytes() == b"complete" and folder_listing(target.parent) == ["out.bin"]
     with pytest.raises(ParameterError, match="folder"):
         with io.atomic_output(tmp_path):
+            pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ParameterError, match="cannot create the output folder"):
+        with io.atomic_output(tmp_path / "file" / "out.npz"):
             pass
 
 
