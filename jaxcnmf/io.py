@@ -730,7 +730,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise ParameterError(f"cannot create the output folder '{folder}' for '{path}' ({e}); choose another path.") from e
+        raise ParameterError(f"cannot create the output folder '{folder}' ({e}); choose another path.") from e
     suffix = "".join(Path(name).suffixes[-1:])
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
