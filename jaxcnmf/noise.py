@@ -299,40 +299,44 @@ def _roots_to_ar(roots: jax.Array) -> jax.Array:
     return jnp.stack([d + r, -d * r], axis=-1)
 
 
-def guard_ar(g, *, max_root: float = 0.999) -> jax.Array:
+def guard_ar(g, *, min_root: float = 1e-3, max_root: float = 0.999) -> jax.Array:
     """Nearest stable, decaying, non-oscillating AR kernel, by a fixed rule on the roots.
 
     The rule: (1) a complex pair r e^(+-i theta) (an oscillating kernel) is replaced by a double real root at its real
     part g_1/2 (same sum of roots: g_2 is moved to the boundary -g_1^2/4); (2) each real root is clipped into
-    [0, max_root] (a negative root alternates sign, a root >= 1 does not decay); (3) g is rebuilt from the roots.
-    A valid kernel is returned unchanged. No Python branching on values (jit/vmap safe).
+    [min_root, max_root] (a negative root alternates sign, a root >= 1 does not decay, a root of 0 is not a kernel
+    that `deconvolve` accepts); (3) g is rebuilt from the roots. A kernel with roots inside the range is returned
+    unchanged. No Python branching on values (jit/vmap safe).
 
     **Arguments:**
     - `g`: array (..., p), p = 1 or 2.
+    - `min_root`: the smallest allowed root; 1e-3 is a decay time of 0.14 frames (no memory: white calcium).
     - `max_root`: the largest allowed root (decay factor per frame); 0.999 is a decay time of 1000 frames.
 
-    **Returns:** array (..., p) with roots in [0, max_root].
+    **Returns:** array (..., p) with roots in [min_root, max_root].
     """
     g = jnp.asarray(g)
-    return _roots_to_ar(jnp.clip(ar_roots(g), 0.0, max_root))
+    return _roots_to_ar(jnp.clip(ar_roots(g), min_root, max_root))
 
 
-@functools.partial(jax.jit, static_argnames=("p", "lags", "max_root"))
-def _estimate_ar(y, sn, length, p, lags, max_root):
+@functools.partial(jax.jit, static_argnames=("p", "lags", "min_root", "max_root"))
+def _estimate_ar(y, sn, length, p, lags, min_root, max_root):
     r = _autocovariance(y, p + lags, length)
     batch = r.shape[:-1]
     n = jnp.broadcast_to(jnp.asarray(y.shape[-1] if length is None else length, y.dtype), batch)
     solve = jax.vmap(lambda ri, si, ni: _yule_walker_lstsq(ri, si * si, ni, p))
     g = solve(r.reshape(-1, p + lags + 1), sn.reshape(-1), n.reshape(-1))
-    return guard_ar(g.reshape(*batch, p), max_root=max_root)
+    return guard_ar(g.reshape(*batch, p), min_root=min_root, max_root=max_root)
 
 
-def estimate_ar(y, p: int = 2, *, sn=None, lags: int = 5, max_root: float = 0.999, length=None) -> jax.Array:
+def estimate_ar(
+    y, p: int = 2, *, sn=None, lags: int = 5, min_root: float = 1e-3, max_root: float = 0.999, length=None
+) -> jax.Array:
     """AR(p) coefficients of the calcium in noisy traces: Yule-Walker on the noise-corrected autocovariance.
 
     The autocovariance r(k) (k = 0..p+lags) of the mean-removed trace has the white-noise variance only at lag 0, so
     with r_c(0) = r(0) - sn^2 the equations r(k) = sum_j g_j r_c(|k-j|), k = 1..p+lags, are solved in least squares,
-    then `guard_ar` makes the kernel stable, decaying and non-oscillating (roots real, in [0, max_root]). Along the
+    then `guard_ar` makes the kernel stable, decaying and non-oscillating (roots real, in [min_root, max_root]). Along the
     last axis of `y`, any batch shape; jit-compiled, usable inside `jit`/`vmap`.
 
     **Arguments:**
@@ -340,7 +344,7 @@ def estimate_ar(y, p: int = 2, *, sn=None, lags: int = 5, max_root: float = 0.99
     - `p`: 1 or 2, the AR order (CaImAn's `p`).
     - `sn`: noise standard deviation per trace (batch shape); estimated with `estimate_noise` when None.
     - `lags`: number of extra lags beyond p in the least-squares fit (CaImAn's `lags`).
-    - `max_root`: largest allowed root (see `guard_ar`).
+    - `min_root`, `max_root`: smallest and largest allowed roots (see `guard_ar`).
     - `length`: optional per-trace number of valid frames (the rest is padding), as in `estimate_noise`.
 
     **Returns:** array (..., p) of AR coefficients g.
@@ -349,8 +353,8 @@ def estimate_ar(y, p: int = 2, *, sn=None, lags: int = 5, max_root: float = 0.99
         raise ParameterError(f"p={p!r}: only AR(1) and AR(2) kernels are supported (p=1 or p=2).")
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise ParameterError(f"lags={lags!r}: expected a non-negative integer number of extra lags.")
-    if not 0.0 < float(max_root) < 1.0:
-        raise ParameterError(f"max_root={max_root!r}: expected a number in (0, 1).")
+    if not 0.0 < float(min_root) <= float(max_root) < 1.0:
+        raise ParameterError(f"min_root={min_root!r}, max_root={max_root!r}: expected 0 < min_root <= max_root < 1.")
     y = _to_float(y)
     if y.ndim == 0 or y.shape[-1] < p + lags + 2:
         raise ParameterError(
@@ -362,7 +366,7 @@ def estimate_ar(y, p: int = 2, *, sn=None, lags: int = 5, max_root: float = 0.99
     if sn is None:
         sn = estimate_noise(y, length=length)
     sn = jnp.broadcast_to(jnp.asarray(sn, y.dtype), y.shape[:-1])
-    return _estimate_ar(y, sn, length, int(p), int(lags), float(max_root))
+    return _estimate_ar(y, sn, length, int(p), int(lags), float(min_root), float(max_root))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
