@@ -1,0 +1,601 @@
+"""Noise-constrained AR(1)/AR(2) deconvolution of one calcium trace (OASIS-style pool merging in fixed-size arrays).
+
+Temporal core of CNMF: `temporal.update_temporal` and the `jaxcnmf deconvolve` CLI call `deconvolve_batch` on raw traces.
+
+The problem (Pnevmatikakis et al. 2016; Friedrich, Zhou & Paninski 2017), for a trace y of T frames:
+
+    minimise sum(s)  over c, b, c1   subject to  s = G c >= 0  and  ||y - c - b - c1 d||^2 <= sn^2 T,
+
+where G is the AR(p) filter (s_t = c_t - g_1 c_{t-1} - g_2 c_{t-2}), b a constant baseline (either sign; CaImAn does not
+constrain it either), c1 >= 0 the calcium at frame 0 decaying freely (d = the kernel's impulse response), and sn the
+noise level. Its Lagrangian form, for a given sparsity weight lam, is
+
+    minimise 1/2 ||y - c - b - c1 d||^2 + lam sum(s)   subject to  s = G c >= 0.
+
+How it is solved:
+
+1. For a fixed (lam, b), the penalty only shifts the data (sum(s) = a'c with a_t = 1 - g_1 - g_2 except at the end),
+   and the non-negativity of s is handled by pool-adjacent-violators: frames are pushed one by one as new pools (runs
+   where the calcium decays freely from one value v); while the spike at the start of the top pool is negative the two
+   top pools are merged, the merged value being the least-squares fit. The state machine is one bounded
+   `lax.while_loop` with fixed-size arrays (every step pushes or merges: at most 2T steps, O(1) work each), so it
+   vmaps. An estimated c1 is simply an unpenalised first spike.
+2. On a fixed pool structure the solution is a linear map M of the shifted data, so the residual is affine in (lam, b):
+   b follows from sum(r) = 0 and lam from the quadratic ||r(lam)||^2 = sn^2 T, in closed form. Steps 1 and 2 alternate
+   until the pool structure no longer changes, which is the exact optimum of the convex problem (the structure is a
+   fixed point: pool-adjacent-violators at that (lam, b) returns it, and (lam, b) are optimal on it).
+3. The returned solution is recomputed from the final pool structure with plain differentiable array code, with the
+   search itself behind `stop_gradient`: `jax.grad` of anything computed from the result differentiates the exact
+   solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
+   iterations.
+
+AR(1) pool merging is exact. For AR(2), a pool's values also depend on the last value of the pool before it, which a
+merge holds fixed (Friedrich et al. 2017's greedy AR(2) rule); the tests bound its gap to the optimum with a dual
+certificate. `s_min > 0` is the thresholded variant (OASIS-style): pools whose starting spike is below `s_min` are
+merged into the pool before, so every reported spike is 0 or >= s_min; this is a heuristic for a non-convex problem,
+not an exact l0 solution. When the noise budget cannot be met even with lam = 0 (sn far too small), lam = 0 is
+returned and the solution is the non-negative least-squares fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from .errors import ParameterError, TraceError
+
+__all__ = ["DeconvResult", "deconvolve", "deconvolve_batch"]
+
+
+class DeconvResult(eqx.Module):
+    """The deconvolution of one trace (or, from `deconvolve_batch`, of N traces: every field gains a leading axis N).
+
+    **Fields:**
+
+    - `c`: `(T,)` denoised calcium, including the free decay `c1 * d` of the initial value (0 at padded frames).
+    - `s`: `(T,)` spikes `s = G c >= 0` beyond the initial value (s[0] = 0 when c1 is estimated: it is in c1).
+    - `b`: `()` baseline.
+    - `c1`: `()` initial calcium value at frame 0.
+    - `g`: `(p,)` AR coefficients used.
+    - `sn`: `()` noise standard deviation used.
+    - `lam`: `()` sparsity weight of the equivalent penalised problem (meets the noise constraint when it was free).
+    """
+
+    c: Float[Array, " T"]
+    s: Float[Array, " T"]
+    b: Float[Array, ""]
+    c1: Float[Array, ""]
+    g: Float[Array, " p"]
+    sn: Float[Array, ""]
+    lam: Float[Array, ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The AR kernel and its running sums
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Kernel(eqx.Module):
+    """Tables of the AR impulse response h (h_0 = 1, h_k = g_1 h_{k-1} + g_2 h_{k-2}) used by the pool arithmetic.
+
+    `hh[k + 2] = h_k` for k = -2..T (h_{-1} = h_{-2} = 0); `H2[l] = sum_{k<l} h_k^2`; `H11[l] = sum_{k<l} h_k h_{k-1}`.
+    """
+
+    hh: Float[Array, " T+3"]
+    H2: Float[Array, " T+1"]
+    H11: Float[Array, " T+1"]
+    g1: Float[Array, ""]
+    g2: Float[Array, ""]
+
+    def h(self, k):
+        """h_k for integer k >= -2 (array or scalar)."""
+        return self.hh[k + 2]
+
+
+def _kernel(g: Float[Array, " p"], T: int) -> _Kernel:
+    """Impulse-response tables for AR coefficients `g` (p = 1 or 2) over T frames.
+
+    **Arguments:**
+    - `g`: AR coefficients.
+    - `T`: number of frames.
+
+    **Returns:** a `_Kernel`.
+    """
+    g1 = g[0]
+    g2 = g[1] if g.shape[0] == 2 else jnp.zeros((), g.dtype)
+
+    def step(carry, impulse):
+        h1, h2 = carry
+        hk = impulse + g1 * h1 + g2 * h2
+        return (hk, h1), hk
+
+    zero = jnp.zeros((), g.dtype)
+    impulse = jnp.zeros(T + 1, g.dtype).at[0].set(1)
+    _, h = jax.lax.scan(step, (zero, zero), impulse)  # h_0..h_T
+    hh = jnp.concatenate([jnp.zeros(2, g.dtype), h])
+    hprev = hh[1 : T + 1]  # h_{-1}..h_{T-2}
+    H2 = jnp.concatenate([jnp.zeros(1, g.dtype), jnp.cumsum(h[:T] ** 2)])
+    H11 = jnp.concatenate([jnp.zeros(1, g.dtype), jnp.cumsum(h[:T] * hprev)])
+    return _Kernel(hh=hh, H2=H2, H11=H11, g1=g1, g2=g2)
+
+
+def _penalty_weights(g: Float[Array, " p"], T: int, length, c1_free: bool) -> Float[Array, " T"]:
+    """Weights a with sum(G c) = a'c over the valid frames (an unpenalised s_0 when c1 is free).
+
+    **Arguments:**
+    - `g`: AR coefficients; `T`: frames; `length`: number of valid frames; `c1_free`: whether s_0 is unpenalised.
+
+    **Returns:** a `(T,)` vector, zero at padded frames.
+    """
+    t = jnp.arange(T)
+    g1 = g[0]
+    g2 = g[1] if g.shape[0] == 2 else jnp.zeros((), g.dtype)
+    a = 1 - g1 * (t + 1 < length) - g2 * (t + 2 < length)
+    if c1_free:
+        a = a - (t == 0)
+    return jnp.where(t < length, a, 0).astype(g.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step 1: pool-adjacent-violators for a fixed shift (the non-differentiable search)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# A pool is the row (t0, A, B, cp, cpp): start frame, A = sum_k h_k x_{t0+k}, B = sum_k h_{k-1} x_{t0+k}, and the
+# calcium at the two frames before it (held fixed while it is the top pool). Its value (calcium at t0) for length l is
+# v = (A - g2 cp H11[l]) / H2[l], and c_{t0+k} = v h_k + g2 cp h_{k-1}.
+
+
+def _pool_value(ker: _Kernel, pool, l):
+    """Least-squares calcium value at the start of `pool` of length `l`."""
+    return (pool[1] - ker.g2 * pool[3] * ker.H11[l]) / ker.H2[l]
+
+
+def _pool_tail(ker: _Kernel, v, cp, l):
+    """Calcium at the last two frames of a pool of value `v`, length `l`, preceded by calcium `cp`."""
+    last = v * ker.h(l - 1) + ker.g2 * cp * ker.h(l - 2)
+    second = jnp.where(l >= 2, v * ker.h(l - 2) + ker.g2 * cp * ker.h(l - 3), cp)
+    return last, second
+
+
+def _merge(ker: _Kernel, lower, upper, l_lower):
+    """The pool covering `lower` (of length `l_lower`) followed by `upper`."""
+    hl, hl1, hl2 = ker.h(l_lower), ker.h(l_lower - 1), ker.h(l_lower - 2)
+    A = lower[1] + hl * upper[1] + ker.g2 * hl1 * upper[2]
+    B = lower[2] + hl1 * upper[1] + ker.g2 * hl2 * upper[2]
+    return jnp.stack([lower[0], A, B, lower[3], lower[4]])
+
+
+def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min) -> tuple[Bool[Array, " T"], Bool[Array, ""]]:
+    """Pool structure of min 1/2||x - c||^2 s.t. G c >= 0 (spikes after the first >= s_min, else merged).
+
+    **Arguments:**
+    - `x`: shifted data (zero at padded frames).
+    - `ker`: kernel tables.
+    - `length`: number of valid frames (>= 1).
+    - `s_min`: merge threshold on spikes after frame 0 (0 for the convex problem).
+
+    **Returns:** `(starts, pinned)`: which frames start a pool, and whether the first pool is held at zero (c_0 >= 0).
+    """
+    T = x.shape[0]
+    dt = x.dtype
+    zero = jnp.zeros((), dt)
+
+    def row(t0, A, B, cp, cpp):
+        return jnp.stack([jnp.asarray(t0, dt), A, B, cp, cpp])
+
+    top1 = row(0, x[0], zero, zero, zero)
+    top2 = jnp.zeros(5, dt)
+    stack = jnp.zeros((T, 5), dt)
+    # state: next frame t, number of pools n, top pool, the one below, the rest, first pool pinned at 0, finished
+    state = (jnp.int32(1), jnp.int32(1), top1, top2, stack, jnp.bool_(False), jnp.bool_(False))
+
+    def cond(state):
+        return ~state[-1]
+
+    def body(state):
+        t, n, top1, top2, stack, pinned, _ = state
+        t01 = top1[0].astype(jnp.int32)
+        t02 = top2[0].astype(jnp.int32)
+        l1 = t - t01
+        l2 = t01 - t02
+        v1 = jnp.where((n == 1) & pinned, 0, _pool_value(ker, top1, l1))
+        spike1 = v1 - ker.g1 * top1[3] - ker.g2 * top1[4]
+        merge = (n >= 2) & (spike1 < s_min)
+        pin = (n == 1) & ~pinned & (v1 < 0)
+        push = ~merge & ~pin & (t < length)
+        done = ~merge & ~pin & ~push
+
+        merged = _merge(ker, top2, top1, l2)
+        below = stack[jnp.maximum(n - 3, 0)]
+        last, second = _pool_tail(ker, v1, top1[3], l1)
+        new = row(t, x[jnp.minimum(t, T - 1)], zero, last, second)
+
+        stack = stack.at[jnp.maximum(n - 2, 0)].set(top2)  # slot n-2 is free unless we push, when it takes top2
+        top1_next = jnp.where(merge, merged, jnp.where(push, new, top1))
+        top2_next = jnp.where(merge, below, jnp.where(push, top1, top2))
+        n = n + push.astype(jnp.int32) - merge.astype(jnp.int32)
+        t = t + push.astype(jnp.int32)
+        return t, n, top1_next, top2_next, stack, pinned | pin, done
+
+    t, n, top1, top2, stack, pinned, _ = jax.lax.while_loop(cond, body, state)
+    t0 = stack[:, 0].astype(jnp.int32)
+    t0 = t0.at[jnp.where(n >= 2, n - 2, T)].set(top2[0].astype(jnp.int32), mode="drop")
+    t0 = t0.at[n - 1].set(top1[0].astype(jnp.int32))
+    t0 = jnp.where(jnp.arange(T) < n, t0, T)
+    starts = jnp.zeros(T, bool).at[t0].set(True, mode="drop")
+    return starts, pinned
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step 2: the solution on a fixed pool structure (plain array code: differentiable, vectorised over frames)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _on_pools(xs: Float[Array, "T m"], starts, pinned, ker: _Kernel, length) -> Float[Array, "T m"]:
+    """Apply the linear map M: shifted data -> calcium, for the pool structure `starts` (each column of `xs`).
+
+    **Arguments:**
+    - `xs`: `(T, m)` right-hand sides, zero at padded frames.
+    - `starts`, `pinned`: the pool structure from `_pav`.
+    - `ker`: kernel tables; `length`: number of valid frames.
+
+    **Returns:** `(T, m)` calcium, zero at padded frames.
+    """
+    T = xs.shape[0]
+    t = jnp.arange(T)
+    t0 = jax.lax.cummax(jnp.where(starts, t, 0))  # start of the pool holding t
+    k = t - t0
+    nxt = jax.lax.cummin(jnp.where(starts, t, length)[::-1])[::-1]  # first start >= t
+    next_start = jnp.concatenate([nxt[1:], jnp.full((1,), length, nxt.dtype)])
+    l = jnp.clip(next_start - t, 1, T)  # pool length, meaningful at pool starts
+    hk = ker.h(k)
+    A = jax.ops.segment_sum(hk[:, None] * xs, t0, num_segments=T)
+    A = A * jnp.where((t == 0) & pinned, 0, 1).astype(xs.dtype)[:, None]
+    H2 = ker.H2[l][:, None]
+    if_start = starts[:, None]
+    # calcium before each pool: the affine recursion cp' = alpha cp + beta over pools, in time order (AR(2) only)
+    H11 = ker.H11[l][:, None]
+    hl1, hl2 = ker.h(l - 1)[:, None], ker.h(l - 2)[:, None]
+    alpha = jnp.where(if_start, ker.g2 * (hl2 - H11 * hl1 / H2), 1) * jnp.ones_like(xs)
+    beta = jnp.where(if_start, A / H2 * hl1, 0)
+
+    def compose(earlier, later):
+        a1, b1 = earlier
+        a2, b2 = later
+        return a2 * a1, a2 * b1 + b2
+
+    _, beta_inc = jax.lax.associative_scan(compose, (alpha, beta))
+    cp = jnp.concatenate([jnp.zeros_like(xs[:1]), beta_inc[:-1]])  # cp at each pool start (composition before it)
+    v = (A - ker.g2 * cp * H11) / H2
+    c = v[t0] * hk[:, None] + ker.g2 * cp[t0] * ker.h(k - 1)[:, None]
+    return jnp.where((t < length)[:, None], c, 0)
+
+
+def _update_b_lam(y, a, Mx, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free: bool, lam_free: bool):
+    """Baseline and lam in closed form on a fixed pool structure.
+
+    With c = M(y - b - lam a), the residual r = y - b - c is affine in (b, lam); b solves sum(r) = 0 and lam the
+    quadratic ||r||^2 = sn^2 length (its larger root, clipped at 0).
+
+    **Arguments:**
+    - `y`: data (zero at padded frames); `a`: penalty weights; `Mx`: `(T, 3)` = M applied to (y, 1, a).
+    - `mask`: valid frames; `sn`, `length`: noise level and number of valid frames.
+    - `b`, `lam`: current values (kept where the closed form is undetermined); `b_fix`, `lam_fix`: fixed values.
+    - `b_free`, `lam_free`: which of them are estimated.
+
+    **Returns:** `(b, lam)`.
+    """
+    dt = y.dtype
+    r0 = jnp.where(mask, y - Mx[:, 0], 0)
+    e = jnp.where(mask, 1 - Mx[:, 1], 0)
+    ua = Mx[:, 2]
+    if b_free:
+        den = jnp.sum(e)
+        ok = jnp.abs(den) > 1e-6 * length
+        safe = jnp.where(ok, den, 1)
+        b0 = jnp.where(ok, jnp.sum(r0) / safe, b)
+        b1 = jnp.where(ok, jnp.sum(ua) / safe, 0)
+    else:
+        b0, b1 = b_fix, jnp.zeros((), dt)
+    if lam_free:
+        rho0 = r0 - b0 * e
+        rho1 = ua - b1 * e
+        qa = jnp.sum(rho1 * rho1)
+        qb = jnp.sum(rho0 * rho1)
+        qc = jnp.sum(rho0 * rho0) - sn**2 * length
+        disc = qb**2 - qa * qc
+        ok = qa > 0
+        safe = jnp.where(ok, qa, 1)
+        root = (-qb + jnp.sqrt(jnp.where(ok & (disc > 0), disc, 0))) / safe
+        lam_new = jnp.maximum(jnp.where(ok, root, lam), 0)
+    else:
+        lam_new = lam_fix
+    return b0 + b1 * lam_new, lam_new
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole solve for one trace
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _initial_baseline(y, mask, length):
+    """A robust first guess of the baseline: the 15th percentile of the valid frames."""
+    srt = jnp.sort(jnp.where(mask, y, jnp.inf))
+    idx = jnp.clip((0.15 * length).astype(jnp.int32), 0, y.shape[0] - 1)
+    return srt[idx]
+
+
+def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, lam_free, max_iter):
+    """Deconvolve one trace: search the pool structure, then evaluate the (differentiable) solution on it.
+
+    **Arguments:**
+    - `y`: `(T,)` trace; `g`: `(p,)`; `sn`, `b_fix`, `c1_fix`, `lam_fix`, `s_min`: scalars; `length`: valid frames.
+    - `b_free`, `c1_free`, `lam_free`: which quantities are estimated (static); `max_iter`: bound on outer iterations.
+
+    **Returns:** a `DeconvResult`.
+    """
+    T = y.shape[0]
+    dt = y.dtype
+    mask = jnp.arange(T) < length
+    length_f = length.astype(dt)
+
+    def prepare(y, g):
+        ker = _kernel(g, T)
+        a = _penalty_weights(g, T, length, c1_free)
+        d = ker.hh[2 : T + 2]
+        y = jnp.where(mask, y - (0 if c1_free else c1_fix * d), 0)
+        return ker, a, y, d
+
+    # --- the search, behind stop_gradient ---
+    ker_s, a_s, y_s, _ = prepare(jax.lax.stop_gradient(y), jax.lax.stop_gradient(g))
+    sn_s = jax.lax.stop_gradient(sn)
+    lam0 = jnp.zeros((), dt) if lam_free else lam_fix
+    b_start = _initial_baseline(y_s, mask, length) if b_free else b_fix
+    rhs_fixed = jnp.stack([y_s, mask.astype(dt), a_s], axis=1)
+
+    def structure(b, lam):
+        return _pav(jnp.where(mask, y_s - b - lam * a_s, 0), ker_s, length, s_min)
+
+    def outer_body(state):
+        b, lam, starts_prev, pinned_prev, it, _ = state
+        starts, pinned = structure(b, lam)
+        same = jnp.all(starts == starts_prev) & (pinned == pinned_prev) & (it > 0)
+        Mx = _on_pools(rhs_fixed, starts, pinned, ker_s, length)
+        b, lam = _update_b_lam(y_s, a_s, Mx, mask, sn_s, length_f, b, lam, b_fix, lam_fix, b_free=b_free, lam_free=lam_free)
+        return b, lam, starts, pinned, it + 1, same
+
+    def outer_cond(state):
+        return ~state[-1] & (state[4] < max_iter)
+
+    if b_free or lam_free:
+        init = (b_start, lam0, jnp.zeros(T, bool), jnp.bool_(False), jnp.int32(0), jnp.bool_(False))
+        _, _, starts, pinned, _, _ = jax.lax.while_loop(outer_cond, outer_body, init)
+    else:
+        starts, pinned = structure(b_fix, lam_fix)
+    starts = jax.lax.stop_gradient(starts)
+    pinned = jax.lax.stop_gradient(pinned)
+    b_guess = jax.lax.stop_gradient(b_start)
+
+    # --- the solution on the final structure: differentiable in y, g, sn ---
+    ker, a, y_d, d = prepare(y, g)
+    rhs = jnp.stack([y_d, mask.astype(dt), a], axis=1)
+    Mx = _on_pools(rhs, starts, pinned, ker, length)
+    b, lam = _update_b_lam(y_d, a, Mx, mask, sn, length_f, b_guess, lam0, b_fix, lam_fix, b_free=b_free, lam_free=lam_free)
+    c = Mx[:, 0] - b * Mx[:, 1] - lam * Mx[:, 2]
+    c_prev1 = jnp.concatenate([jnp.zeros(1, dt), c[:-1]])
+    c_prev2 = jnp.concatenate([jnp.zeros(2, dt), c[:-2]])
+    s = jnp.where(starts, c - ker.g1 * c_prev1 - ker.g2 * c_prev2, 0)
+    if c1_free:
+        c1 = c[0]
+        s = s.at[0].set(0)
+    else:
+        c1 = jnp.asarray(c1_fix, dt)
+        c = jnp.where(mask, c + c1 * d, 0)
+    return DeconvResult(c=c, s=s, b=jnp.asarray(b, dt), c1=c1, g=g, sn=jnp.asarray(sn, dt), lam=jnp.asarray(lam, dt))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------------------
+
+_TRACE_COUNT = {"batch": 0}  # how many times the batched core was traced (compile-once test)
+
+
+def _mode(value, name: str) -> tuple[bool, float]:
+    """(estimated?, fixed value) from a `True` / number argument; `False` or None means fixed at 0."""
+    if value is True:
+        return True, 0.0
+    if value is False or value is None:
+        return False, 0.0
+    try:
+        return False, float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name}={value!r}: expected True (estimate it) or a number (fix it).") from None
+
+
+def _check_static(p, s_min, lam, max_iter):
+    if p not in (1, 2):
+        raise ParameterError(f"p={p!r}: only AR(1) and AR(2) kernels are supported (p=1 or p=2).")
+    if not np.isscalar(s_min) or not np.isfinite(s_min) or s_min < 0:
+        raise ParameterError(f"s_min={s_min!r}: expected a finite number >= 0 (0 for the convex problem).")
+    if lam is not None and (not np.isscalar(lam) or not np.isfinite(lam) or lam < 0):
+        raise ParameterError(f"lam={lam!r}: expected None (meet the noise constraint) or a number >= 0.")
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ParameterError(f"max_iter={max_iter!r}: expected a positive integer.")
+
+
+def _check_g(g: np.ndarray, name: str) -> None:
+    """Reject AR coefficients whose kernel is not stable, decaying and non-oscillating."""
+    g = np.atleast_2d(g)
+    g1 = g[:, 0]
+    g2 = g[:, 1] if g.shape[1] == 2 else np.zeros_like(g1)
+    disc = g1**2 + 4 * g2
+    with np.errstate(invalid="ignore"):
+        root = (g1 + np.sqrt(np.maximum(disc, 0))) / 2
+    bad = ~np.isfinite(g1) | ~np.isfinite(g2) | (disc < 0) | (root >= 1) | (root <= 0) | (g2 > 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ParameterError(
+            f"{name}: AR coefficients {g[i].tolist()} (row {i}) do not give a stable, decaying, non-oscillating kernel; "
+            "the roots of z^p - g1 z^(p-1) - g2 must be real and in (0, 1). Use noise.estimate_ar or tau_to_ar."
+        )
+
+
+@eqx.filter_jit
+def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free, lam_free, max_iter):
+    _TRACE_COUNT["batch"] += 1
+    solve = lambda *args: _solve(*args, b_free=b_free, c1_free=c1_free, lam_free=lam_free, max_iter=max_iter)
+    return jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, 0, None, 0))(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length)
+
+
+def _estimate(Y: np.ndarray, g, sn, p: int, length: np.ndarray):
+    """Fill in sn and g with `noise.estimate_noise` / `noise.estimate_ar` where they are not given."""
+    from . import noise  # the noise helper module; imported here so deconv works on its own when g and sn are given
+
+    if sn is None:
+        sn = np.asarray(noise.estimate_noise(Y, length=length))
+    if g is None:
+        g = np.asarray(noise.estimate_ar(Y, p, sn=sn, length=length))
+    return g, sn
+
+
+def deconvolve_batch(
+    Y,
+    g=None,
+    sn=None,
+    *,
+    length=None,
+    p: int = 2,
+    baseline=True,
+    c1=True,
+    lam=None,
+    s_min: float = 0.0,
+    max_iter: int = 30,
+) -> DeconvResult:
+    """Deconvolve every row of `Y` (see the module docstring for the problem); compiled once per shape and options.
+
+    **Arguments:**
+    - `Y`: `(N, T)` traces (float32 unless float64 is given; other types become float32).
+    - `g`: AR coefficients, `(p,)` shared or `(N, p)` per row; estimated with `noise.estimate_ar` when None.
+    - `sn`: noise standard deviation, scalar or `(N,)`; estimated with `noise.estimate_noise` when None.
+    - `length`: optional `(N,)` numbers of valid frames (or one int): frames at t >= length are ignored (they may hold
+      NaN padding) and returned as 0. One compilation serves any lengths.
+    - `p`: AR order when `g` is None (1 or 2); otherwise `g`'s length.
+    - `baseline`: True to estimate the baseline b, or a number to fix it (CaImAn's `bas_nonneg=False`: either sign).
+    - `c1`: True to estimate the initial value c1 >= 0, or a number to fix it (False means 0).
+    - `lam`: None to meet the noise constraint, or the sparsity weight of the penalised form.
+    - `s_min`: minimum spike size (0: the convex problem; > 0: thresholded pools, a heuristic).
+    - `max_iter`: bound on the alternations between pool merging and the closed-form (lam, b) update.
+
+    **Returns:** a `DeconvResult` whose fields have a leading axis N.
+
+    Raises `TraceError` (naming the row) for non-finite values inside the valid frames or traces shorter than 4 p
+    frames, and `ParameterError` for invalid options, before anything is compiled.
+    """
+    Y = np.asarray(Y)
+    if Y.ndim != 2:
+        raise TraceError(f"Y: expected a 2-D array (traces x frames), got shape {Y.shape}; use deconvolve for one trace.")
+    dtype = np.float64 if Y.dtype == np.float64 else np.float32
+    N, T = Y.shape
+    if g is not None:
+        p = int(np.shape(g)[-1])
+    _check_static(p, s_min, lam, max_iter)
+    b_free, b_value = _mode(baseline, "baseline")
+    c1_free, c1_value = _mode(c1, "c1")
+    if length is None:
+        length = np.full(N, T, np.int32)
+    length = np.broadcast_to(np.asarray(length), (N,)).astype(np.int64)
+    if (length > T).any() or (length < 0).any():
+        raise TraceError(f"length: every entry must be in 0..{T} (the number of frames), got {length.min()}..{length.max()}.")
+    short = np.flatnonzero(length < 4 * p)
+    if short.size:
+        raise TraceError(
+            f"Y: trace {int(short[0])} has {int(length[short[0]])} valid frames; AR({p}) deconvolution needs at least "
+            f"{4 * p}. Drop it or use a lower p."
+        )
+    valid = np.arange(T)[None, :] < length[:, None]
+    bad = valid & ~np.isfinite(Y)
+    if bad.any():
+        i = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise TraceError(
+            f"Y: trace {i} has a non-finite value at frame {int(np.flatnonzero(bad[i])[0])} inside its valid frames; "
+            "only trailing padding (frames at or after `length`) may be NaN. Pass length= for padded rows, or repair it."
+        )
+    Y = np.where(valid, Y, 0).astype(dtype)
+    g, sn = _estimate(Y, g, sn, p, length) if (g is None or sn is None) else (g, sn)
+    g = np.broadcast_to(np.asarray(g, dtype), (N, p))
+    _check_g(g, "g")
+    sn = np.broadcast_to(np.asarray(sn, dtype), (N,))
+    if not np.isfinite(sn).all() or (sn < 0).any():
+        raise ParameterError("sn: noise levels must be finite and >= 0.")
+    full = lambda v: jnp.full((N,), v, dtype)
+    return _batch_core(
+        jnp.asarray(Y),
+        jnp.asarray(g),
+        jnp.asarray(sn),
+        full(b_value),
+        full(c1_value),
+        full(0.0 if lam is None else lam),
+        jnp.asarray(s_min, dtype),
+        jnp.asarray(length, jnp.int32),
+        b_free,
+        c1_free,
+        lam is None,
+        int(max_iter),
+    )
+
+
+def deconvolve(
+    y, g=None, sn=None, *, p: int = 2, baseline=True, c1=True, lam=None, s_min: float = 0.0, max_iter: int = 30
+) -> DeconvResult:
+    """Deconvolve ONE trace (see the module docstring for the problem and the algorithm); jit- and vmap-able.
+
+    Called with concrete arrays it checks its inputs and estimates missing `g`/`sn` first; inside `jit`/`vmap` (traced
+    inputs) `g` and `sn` must be given, `baseline`, `c1` stay Python options and `lam`, `s_min` must be numbers.
+
+    **Arguments:**
+    - `y`: `(T,)` trace.
+    - `g`: `(p,)` AR coefficients (estimated with `noise.estimate_ar` when None).
+    - `sn`: noise standard deviation (estimated with `noise.estimate_noise` when None).
+    - `p`, `baseline`, `c1`, `lam`, `s_min`, `max_iter`: as in `deconvolve_batch`.
+
+    **Returns:** a `DeconvResult`.
+    """
+    traced = any(isinstance(v, jax.core.Tracer) for v in (y, g, sn))
+    if not traced:
+        y_np = np.asarray(y)
+        if y_np.ndim != 1:
+            raise TraceError(f"y: expected one trace (1-D), got shape {y_np.shape}; use deconvolve_batch for several.")
+        out = deconvolve_batch(
+            y_np[None], None if g is None else np.asarray(g)[None], None if sn is None else np.asarray(sn).reshape(1),
+            p=p, baseline=baseline, c1=c1, lam=lam, s_min=s_min, max_iter=max_iter,
+        )
+        return jax.tree_util.tree_map(lambda x: x[0], out)
+    if g is None or sn is None:
+        raise ParameterError("deconvolve inside jit/vmap needs g and sn; estimate them first (noise.estimate_ar).")
+    b_free, b_value = _mode(baseline, "baseline")
+    c1_free, c1_value = _mode(c1, "c1")
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.float32)
+    dt = y.dtype
+    T = y.shape[0]
+    return _solve(
+        y,
+        jnp.asarray(g, dt).reshape(-1),
+        jnp.asarray(sn, dt),
+        jnp.asarray(b_value, dt),
+        jnp.asarray(c1_value, dt),
+        jnp.asarray(0.0 if lam is None else lam, dt),
+        jnp.asarray(s_min, dt),
+        jnp.asarray(T, jnp.int32),
+        b_free=b_free,
+        c1_free=c1_free,
+        lam_free=lam is None,
+        max_iter=int(max_iter),
+    )
