@@ -293,10 +293,13 @@ def ar_roots(g) -> jax.Array:
 
 
 def _roots_to_ar(roots: jax.Array) -> jax.Array:
+    """g from the roots; for p = 2, g_2 is kept at or above -g_1^2/4 so that rounding cannot make the rebuilt roots of
+    two (nearly) equal real roots complex."""
     if roots.shape[-1] == 1:
         return roots
     d, r = roots[..., 0], roots[..., 1]
-    return jnp.stack([d + r, -d * r], axis=-1)
+    g1 = d + r
+    return jnp.stack([g1, jnp.maximum(-d * r, -(g1 * g1) / 4)], axis=-1)
 
 
 def guard_ar(g, *, min_root: float = 1e-3, max_root: float = 0.999) -> jax.Array:

@@ -285,8 +285,15 @@ def test_guard_white_noise_constant_and_invalid_kernels():
     out = np.asarray(guard_ar(np.array([[2.5, -1.2], [0.2, 0.3], [-1.0, -0.2], [0.0, 0.0]])))
     roots = np.asarray(ar_roots(out))
     assert np.all((roots >= 0.99e-3) & (roots <= 0.999))
+    # any input gives real roots in range, checked in the array's own precision (float32 here)
+    rand = np.random.default_rng(12).uniform(-3, 3, size=(20000, 2)).astype(np.float32)
+    rand[::2, 1] = -((rand[::2, 0] / 3) ** 2)  # (nearly) double roots
+    rand[::2, 0] *= 2 / 3
+    out = np.asarray(guard_ar(rand))
     g1, g2 = out[:, 0], out[:, 1]
-    assert np.all(g1 * g1 + 4 * g2 >= 0)  # real roots, in the array's own precision
+    assert out.dtype == np.float32 and np.all(g1 * g1 + 4 * g2 >= 0) and np.all(g2 <= 0)
+    top = (g1 + np.sqrt(g1 * g1 + 4 * g2)) / 2
+    assert np.all((top > 0) & (top < 1))
     # an oscillating kernel estimated from an oscillating trace becomes valid
     t = np.arange(5000)
     osc = np.sin(2 * np.pi * t / 7.0) + 0.1 * rng.normal(size=5000)
