@@ -89,9 +89,10 @@ def binarize_footprints(A: Any, threshold: float = DEFAULT_THRESHOLD, *, name: s
     if not 0.0 <= threshold < 1.0:
         raise ParameterError(f"threshold={threshold!r} must be in [0, 1): the fraction of each footprint's maximum "
                              "above which a pixel belongs to it (default 0.2)")
-    A = A.astype(np.float64)
-    peak = _flat(A).max(axis=1, initial=0.0)[:, None, None]
-    return (A > threshold * peak) & (A > 0)
+    peak = _flat(A).max(axis=1, initial=0).astype(np.float64)
+    cut = np.maximum(threshold * peak, 0.0)  # "above the fraction of the peak, and above 0", compared in float64
+    # Per footprint, so no float64 copy of the whole stack is made.
+    return np.stack([a > c for a, c in zip(A, cut)]) if A.shape[0] else np.zeros(A.shape, bool)
 
 
 def jaccard_cost(M_est: np.ndarray, M_true: np.ndarray) -> np.ndarray:
@@ -103,9 +104,8 @@ def jaccard_cost(M_est: np.ndarray, M_true: np.ndarray) -> np.ndarray:
 
     **Returns:** `(K_est, K_true)` float64 costs in `[0, 1]`; two empty masks have cost 1 (they never match).
     """
-    e = scipy.sparse.csr_matrix(_flat(M_est), dtype=np.float64)
-    t = scipy.sparse.csr_matrix(_flat(M_true), dtype=np.float64)
-    inter = np.asarray((e @ t.T).todense(), dtype=np.float64).reshape(M_est.shape[0], M_true.shape[0])
+    e, t = _sparse(M_est), _sparse(M_true)
+    inter = (e @ t.T).toarray().astype(np.float64)
     union = np.asarray(e.sum(axis=1)).reshape(-1, 1) + np.asarray(t.sum(axis=1)).reshape(1, -1) - inter
     jac = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     return 1.0 - jac
@@ -122,12 +122,11 @@ def footprint_centroids(A: Any, threshold: float = DEFAULT_THRESHOLD) -> np.ndar
     **Returns:** `(K, 2)` float64 centroids; NaN for an empty footprint.
     """
     A = _as_footprints(A, "A")
-    mask = binarize_footprints(A, threshold)
-    w = np.where(mask, A.astype(np.float64), 0.0)
-    H, W = A.shape[1:]
-    total = w.sum(axis=(1, 2))
-    rows = (w.sum(axis=2) * np.arange(H)).sum(axis=1)
-    cols = (w.sum(axis=1) * np.arange(W)).sum(axis=1)
+    k, r, c = np.nonzero(binarize_footprints(A, threshold))
+    w = A[k, r, c].astype(np.float64)
+    K = A.shape[0]
+    total = np.bincount(k, w, minlength=K)
+    rows, cols = np.bincount(k, w * r, minlength=K), np.bincount(k, w * c, minlength=K)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.stack([rows / total, cols / total], axis=1)
 
@@ -572,6 +571,12 @@ def _json_floats(a: np.ndarray) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Argument checks
+
+
+def _sparse(M: np.ndarray) -> scipy.sparse.csr_matrix:
+    """`(K, H, W)` boolean masks -> sparse `(K, H*W)` 0/1 matrix, built from the set pixels only."""
+    k, i = np.nonzero(_flat(M))
+    return scipy.sparse.csr_matrix((np.ones(k.size), (k, i)), shape=(M.shape[0], M.shape[1] * M.shape[2]))
 
 
 def _flat(A: np.ndarray) -> np.ndarray:
