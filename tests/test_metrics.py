@@ -403,3 +403,20 @@ def test_cli_score_clear_errors(tmp_path, capsys):
     assert "--truth" in capsys.readouterr().err
     assert main(["score", str(tmp_path / "missing.npz"), "--regions", "r.json"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_scores_a_simulator_truth_file(tmp_path):
+    """The truth file written by `jaxcnmf.sim.save_truth` is read as ground truth (A, C, S and fps)."""
+    sim = pytest.importorskip("jaxcnmf.sim", reason="the simulator is not available")
+    _, truth = sim.simulate(seed=3, n_frames=200, shape=(48, 48), n_neurons=8)
+    sim.save_truth(tmp_path / "movie_truth.npz", truth)
+    K = truth.A.shape[0]
+    perm = np.random.default_rng(0).permutation(K)
+    est = {"A": truth.A[perm], "C": truth.C[perm], "S": truth.S[perm]}
+    s = score_result(est, truth=tmp_path / "movie_truth.npz")
+    assert (s["n_true"], s["matched"], s["f1"]) == (K, K, 1.0)
+    assert sorted(s["pairs"]) == sorted([[i, int(j)] for i, j in enumerate(perm)])
+    assert s["fps"] == truth.fps and s["calcium_corr_median"] == pytest.approx(1.0)
+    # Dropping the first two estimates lowers recall by exactly 2 / K.
+    s = score_result({k: v[2:] for k, v in est.items()}, truth=truth)
+    assert s["recall"] == pytest.approx((K - 2) / K) and s["precision"] == 1.0
