@@ -330,7 +330,9 @@ def bin_trace(x: Any, fps: float, bin_s: float = DEFAULT_BIN_S) -> np.ndarray:
     return np.add.reduceat(x, starts, axis=-1)
 
 
-def spike_correlations(S_est: Any, S_true: Any, pairs: Any, fps: float | None, bin_s: float = DEFAULT_BIN_S) -> np.ndarray:
+def spike_correlations(
+    S_est: Any, S_true: Any, pairs: Any, fps: float | None, bin_s: float = DEFAULT_BIN_S
+) -> np.ndarray:
     """Pearson correlation of the binned spikes of each matched pair.
 
     **Arguments:**

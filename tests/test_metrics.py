@@ -4,8 +4,8 @@ binning against direct references, NeuroFinder regions, and the `jaxcnmf score` 
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 import sys
 import types
 from fractions import Fraction
