@@ -187,7 +187,7 @@ def _check_params(p: SimParams) -> None:
 
     def need(ok: bool, name: str, what: str):
         if not ok:
-            raise ParameterError(f"simulate: {name}={getattr(p, name)!r} is invalid: {what}")
+            raise ParameterError(f"SimParams.{name}={getattr(p, name)!r} is invalid: {what}")
 
     need(len(p.shape) == 2 and min(p.shape) >= 8, "shape", "give (height, width), each at least 8 pixels")
     need(int(p.n_frames) >= 2, "n_frames", "need at least 2 frames")
@@ -453,7 +453,7 @@ def _soma(shape, center, radius: float, ratio: float, angle: float, nucleus: flo
 
 
 def _place_somata(rng: np.random.Generator, radii: np.ndarray, p: SimParams) -> np.ndarray:
-    """Soma centres (row, col): `round(overlap K)` of them next to an earlier soma, the rest `min_distance` apart.
+    """Soma centres (row, col): the last `round(overlap K)` next to a random earlier soma, the rest `min_distance` apart.
 
     Rejection sampling with a bounded number of tries; raises `ParameterError` when the field is too crowded.
     """
@@ -470,7 +470,7 @@ def _place_somata(rng: np.random.Generator, radii: np.ndarray, p: SimParams) -> 
                 dist = np.hypot(*(centers[:k] - c).T)
                 ok = np.all(dist >= p.min_distance * 0.5 * (radii[:k] + m))
             else:
-                j = rng.integers(0, n_free)
+                j = rng.integers(0, k)
                 ang = rng.uniform(0, 2 * np.pi)
                 c = centers[j] + rng.uniform(0.7, 1.5) * 0.5 * (radii[j] + m) * np.array([np.sin(ang), np.cos(ang)])
                 dist = np.hypot(*(centers[:k] - c).T)
