@@ -276,6 +276,117 @@ def _on_pools(xs: Float[Array, "T m"], starts, pinned, ker: _Kernel, length) -> 
     return jnp.where((t < length)[:, None], c, 0)
 
 
+# AR(2), exactly: the dual of min 1/2||x - c||^2 + lam q'G c s.t. G c >= 0 is the box QP
+#     min_mu 1/2 mu'H mu - mu'G x  s.t.  mu <= lam q,   H = G G' (pentadiagonal),   c = x - G'mu,  s = G c,
+# with s_t > 0 only where mu_t = lam q_t (the "active" frames, the spike support). On a fixed support A (free set F),
+# c is the orthogonal projection of the shifted data onto {c : (G c)_F = 0}: P z = z - G_F' H_FF^{-1} (G z)_F.
+
+
+def _G(ker: _Kernel, z, mask):
+    """s = G z along the first axis (z zero at padded frames)."""
+    z1 = jnp.concatenate([jnp.zeros_like(z[:1]), z[:-1]])
+    z2 = jnp.concatenate([jnp.zeros_like(z[:2]), z[:-2]])
+    return jnp.where(mask.reshape((-1,) + (1,) * (z.ndim - 1)), z - ker.g1 * z1 - ker.g2 * z2, 0)
+
+
+def _Gt(ker: _Kernel, v, mask):
+    """G' v along the first axis (v zero at padded frames)."""
+    v = jnp.where(mask.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0)
+    v1 = jnp.concatenate([v[1:], jnp.zeros_like(v[:1])])
+    v2 = jnp.concatenate([v[2:], jnp.zeros_like(v[:2])])
+    return v - ker.g1 * v1 - ker.g2 * v2
+
+
+def _band_solve(ker: _Kernel, free, rhs):
+    """Solve H_FF mu_F = rhs_F (mu = 0 off F) for H = G G', by a banded LDL' factorisation (two O(T) scans).
+
+    **Arguments:**
+    - `ker`: kernel (g1, g2); `free`: `(T,)` bool, the free set F (padded frames are never free).
+    - `rhs`: `(T, m)` right-hand sides.
+
+    **Returns:** `(T, m)` solution, zero off F.
+    """
+    T = free.shape[0]
+    dt = rhs.dtype
+    t = jnp.arange(T)
+    g1, g2 = ker.g1, ker.g2
+    free1 = jnp.concatenate([jnp.zeros(1, bool), free[:-1]])
+    free2 = jnp.concatenate([jnp.zeros(2, bool), free[:-2]])
+    d0 = jnp.where(free, 1 + g1**2 * (t >= 1) + g2**2 * (t >= 2), 1).astype(dt)
+    d1 = jnp.where(free & free1, -g1 + g1 * g2 * (t >= 2), 0).astype(dt)
+    d2 = jnp.where(free & free2, -g2, 0).astype(dt)
+    rhs = jnp.where(free[:, None], rhs, 0)
+    one = jnp.ones((), dt)
+
+    def forward(carry, inp):
+        D1, D2, l1p, z1, z2 = carry
+        a0, a1, a2, r = inp
+        l2 = a2 / D2
+        l1 = (a1 - l2 * l1p * D2) / D1
+        D = a0 - l1**2 * D1 - l2**2 * D2
+        z = r - l1 * z1 - l2 * z2
+        return (D, D1, l1, z, z1), (l1, l2, D, z)
+
+    zero_m = jnp.zeros(rhs.shape[1:], dt)
+    _, (l1, l2, D, z) = jax.lax.scan(forward, (one, one, 0 * one, zero_m, zero_m), (d0, d1, d2, rhs))
+    w = z / D[:, None]
+    l1n = jnp.concatenate([l1[1:], jnp.zeros(1, dt)])  # l1_{t+1}
+    l2n = jnp.concatenate([l2[2:], jnp.zeros(2, dt)])  # l2_{t+2}
+
+    def backward(carry, inp):
+        m1, m2 = carry
+        wt, a, b = inp
+        m = wt - a * m1 - b * m2
+        return (m, m1), m
+
+    _, mu = jax.lax.scan(backward, (zero_m, zero_m), (w, l1n, l2n), reverse=True)
+    return jnp.where(free[:, None], mu, 0)
+
+
+def _project(ker: _Kernel, xs, active, mask):
+    """P applied to each column of `xs`: least-squares calcium whose spikes vanish off the support `active`."""
+    free = mask & ~active
+    mu = _band_solve(ker, free, _G(ker, xs, mask))
+    return jnp.where(mask[:, None], xs - _Gt(ker, mu, mask), 0)
+
+
+def _pdas(x, ker: _Kernel, q, lam, active, mask, max_steps: int):
+    """Spike support of min 1/2||x - c||^2 + lam q'G c s.t. G c >= 0, by a primal-dual active-set method on the dual.
+
+    Each step fixes mu = lam q on the support, solves for mu elsewhere (a banded solve), then keeps support frames whose
+    spike is positive and adds free frames whose mu exceeds its bound; it stops when the support repeats (the KKT
+    conditions then hold). Warm-started from a nearby support it needs few steps.
+
+    **Arguments:**
+    - `x`: `(T,)` data minus baseline (NOT shifted by lam); `ker`: kernel; `q`: penalty per spike; `lam`: weight;
+      `active`: starting support.
+    - `mask`: valid frames; `max_steps`: bound on the number of steps.
+
+    **Returns:** the support (bool `(T,)`).
+    """
+    f = _G(ker, x, mask)
+    u = lam * q
+    tol = 64 * jnp.finfo(x.dtype).eps * (jnp.max(jnp.abs(f)) + lam + 1)
+
+    def H(v):
+        return _G(ker, _Gt(ker, v, mask), mask)
+
+    def body(state):
+        active, _, it = state
+        free = mask & ~active
+        fixed = jnp.where(active, u, 0)
+        mu = _band_solve(ker, free, (f - H(fixed))[:, None])[:, 0] + fixed
+        s = f - H(mu)
+        new = mask & ((active & (s > -tol)) | (free & (mu > u + tol)))
+        return new, jnp.any(new != active), it + 1
+
+    def cond(state):
+        return state[1] & (state[2] < max_steps)
+
+    active, _, _ = jax.lax.while_loop(cond, body, (active & mask, jnp.bool_(True), jnp.int32(0)))
+    return active
+
+
 def _update_b_lam(y, a, Mx, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free: bool, lam_free: bool):
     """Baseline and lam in closed form on a fixed pool structure.
 
@@ -330,18 +441,21 @@ def _initial_baseline(y, mask, length):
     return srt[idx]
 
 
-def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, lam_free, max_iter):
-    """Deconvolve one trace: search the pool structure, then evaluate the (differentiable) solution on it.
+def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, lam_free, max_iter, exact2):
+    """Deconvolve one trace: search the spike support, then evaluate the (differentiable) solution on it.
 
     **Arguments:**
     - `y`: `(T,)` trace; `g`: `(p,)`; `sn`, `b_fix`, `c1_fix`, `lam_fix`, `s_min`: scalars; `length`: valid frames.
     - `b_free`, `c1_free`, `lam_free`: which quantities are estimated (static); `max_iter`: bound on outer iterations.
+    - `exact2`: AR(2) solved exactly (dual active set on the banded system, warm-started from greedy pool merging);
+      otherwise pool merging alone (exact for AR(1); the greedy rule for AR(2) with s_min > 0).
 
     **Returns:** a `DeconvResult`.
     """
     T = y.shape[0]
     dt = y.dtype
-    mask = jnp.arange(T) < length
+    t = jnp.arange(T)
+    mask = t < length
     length_f = length.astype(dt)
 
     def prepare(y, g):
@@ -351,45 +465,61 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
         y = jnp.where(mask, y - (0 if c1_free else c1_fix * d), 0)
         return ker, a, y, d
 
+    def project(ker, xs, structure):
+        if exact2:
+            return _project(ker, xs, structure[0], mask)
+        return _on_pools(xs, structure[0], structure[1], ker, length)
+
     # --- the search, behind stop_gradient ---
     ker_s, a_s, y_s, _ = prepare(jax.lax.stop_gradient(y), jax.lax.stop_gradient(g))
     sn_s = jax.lax.stop_gradient(sn)
+    q_s = jnp.where(mask & ~((t == 0) & c1_free), 1, 0).astype(dt)
     lam0 = jnp.zeros((), dt) if lam_free else lam_fix
     b_start = _initial_baseline(y_s, mask, length) if b_free else b_fix
     rhs_fixed = jnp.stack([y_s, mask.astype(dt), a_s], axis=1)
 
-    def structure(b, lam):
-        return _pav(jnp.where(mask, y_s - b - lam * a_s, 0), ker_s, length, s_min)
+    def shifted(b, lam):
+        return jnp.where(mask, y_s - b - lam * a_s, 0)
+
+    def search(b, lam, prev):
+        if exact2:
+            return _pdas(shifted(b, 0.0), ker_s, q_s, lam, prev[0], mask, max(4 * max_iter, 50)), prev[1]
+        return _pav(shifted(b, lam), ker_s, length, s_min)
+
+    if exact2:  # warm start: the greedy AR(2) pools at the first guess
+        starts, pinned = _pav(shifted(b_start, lam0), ker_s, length, s_min)
+        first = (starts & ~((t == 0) & pinned), jnp.bool_(False))
+    else:
+        first = (jnp.zeros(T, bool), jnp.bool_(False))
 
     def outer_body(state):
-        b, lam, starts_prev, pinned_prev, it, _ = state
-        starts, pinned = structure(b, lam)
-        same = jnp.all(starts == starts_prev) & (pinned == pinned_prev) & (it > 0)
-        Mx = _on_pools(rhs_fixed, starts, pinned, ker_s, length)
+        b, lam, prev, it, _ = state
+        structure = search(b, lam, prev)
+        same = jnp.all(structure[0] == prev[0]) & (structure[1] == prev[1]) & (it > 0)
+        Mx = project(ker_s, rhs_fixed, structure)
         b, lam = _update_b_lam(y_s, a_s, Mx, mask, sn_s, length_f, b, lam, b_fix, lam_fix, b_free=b_free, lam_free=lam_free)
-        return b, lam, starts, pinned, it + 1, same
+        return b, lam, structure, it + 1, same
 
     def outer_cond(state):
-        return ~state[-1] & (state[4] < max_iter)
+        return ~state[-1] & (state[3] < max_iter)
 
     if b_free or lam_free:
-        init = (b_start, lam0, jnp.zeros(T, bool), jnp.bool_(False), jnp.int32(0), jnp.bool_(False))
-        _, _, starts, pinned, _, _ = jax.lax.while_loop(outer_cond, outer_body, init)
+        init = (b_start, lam0, first, jnp.int32(0), jnp.bool_(False))
+        _, _, structure, _, _ = jax.lax.while_loop(outer_cond, outer_body, init)
     else:
-        starts, pinned = structure(b_fix, lam_fix)
-    starts = jax.lax.stop_gradient(starts)
-    pinned = jax.lax.stop_gradient(pinned)
+        structure = search(b_fix, lam_fix, first)
+    structure = jax.lax.stop_gradient(structure)
     b_guess = jax.lax.stop_gradient(b_start)
 
     # --- the solution on the final structure: differentiable in y, g, sn ---
     ker, a, y_d, d = prepare(y, g)
     rhs = jnp.stack([y_d, mask.astype(dt), a], axis=1)
-    Mx = _on_pools(rhs, starts, pinned, ker, length)
+    Mx = project(ker, rhs, structure)
     b, lam = _update_b_lam(y_d, a, Mx, mask, sn, length_f, b_guess, lam0, b_fix, lam_fix, b_free=b_free, lam_free=lam_free)
     c = Mx[:, 0] - b * Mx[:, 1] - lam * Mx[:, 2]
     c_prev1 = jnp.concatenate([jnp.zeros(1, dt), c[:-1]])
     c_prev2 = jnp.concatenate([jnp.zeros(2, dt), c[:-2]])
-    s = jnp.where(starts, c - ker.g1 * c_prev1 - ker.g2 * c_prev2, 0)
+    s = jnp.where(structure[0], c - ker.g1 * c_prev1 - ker.g2 * c_prev2, 0)
     if c1_free:
         c1 = c[0]
         s = s.at[0].set(0)
@@ -447,9 +577,11 @@ def _check_g(g: np.ndarray, name: str) -> None:
 
 
 @eqx.filter_jit
-def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free, lam_free, max_iter):
+def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free, lam_free, max_iter, exact2):
     _TRACE_COUNT["batch"] += 1
-    solve = lambda *args: _solve(*args, b_free=b_free, c1_free=c1_free, lam_free=lam_free, max_iter=max_iter)
+    solve = lambda *args: _solve(
+        *args, b_free=b_free, c1_free=c1_free, lam_free=lam_free, max_iter=max_iter, exact2=exact2
+    )
     return jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, 0, None, 0))(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length)
 
 
@@ -547,6 +679,7 @@ def deconvolve_batch(
         c1_free,
         lam is None,
         int(max_iter),
+        p == 2 and float(s_min) == 0.0,
     )
 
 
@@ -598,4 +731,5 @@ def deconvolve(
         c1_free=c1_free,
         lam_free=lam is None,
         max_iter=int(max_iter),
+        exact2=g.shape[0] == 2 and not (isinstance(s_min, (int, float)) and s_min > 0),
     )
