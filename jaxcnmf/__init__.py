@@ -26,6 +26,7 @@ _LAZY = {
     "SimParams": "sim",
     "Truth": "sim",
     "load_truth": "sim",
+    "save_truth": "sim",
     # scoring
     "match_footprints": "metrics",
     "score_result": "metrics",
