@@ -232,17 +232,56 @@ def update_temporal(
     """
     K = A.shape[1]
     dtype = jnp.result_type(Yr)
-    if groups is None:
-        groups = color_components(A)
-    groups = jnp.asarray(groups, jnp.int32)
+    groups = np.asarray(color_components(A) if groups is None else groups, np.int32)
+    Kp = bucket(K)  # pad K and the groups to a few fixed sizes so that a fit whose K changes rarely recompiles
+    groups = pad_groups(groups, K, Kp)
     A = jnp.asarray(A, dtype)
     b = jnp.asarray(b, dtype)
     Yr = jnp.asarray(Yr, dtype)
     AbY = jnp.concatenate([A, b], axis=1).T @ Yr  # one pass over the movie
     AY, bY = AbY[:K], AbY[K:]
+    pad = lambda x: None if x is None else jnp.pad(jnp.asarray(x, dtype), [(0, Kp - K)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+    pad2 = lambda x: jnp.pad(x, [(0, Kp - K), (0, Kp - K)])  # noqa: E731
     deconv_kw = dict(lam=lam, s_min=s_min, baseline=baseline, c1=c1)
-    return _update_temporal_core(
-        AY, A.T @ A, A.T @ b, bY, b.T @ b, jnp.asarray(C, dtype), jnp.asarray(f, dtype), groups,
-        None if g is None else jnp.asarray(g, dtype), None if sn_trace is None else jnp.asarray(sn_trace, dtype),
+    res = _update_temporal_core(
+        pad(AY), pad2(A.T @ A), pad(A.T @ b), bY, b.T @ b, pad(jnp.asarray(C, dtype)), jnp.asarray(f, dtype),
+        jnp.asarray(groups), pad(None if g is None else np.asarray(g)),
+        pad(None if sn_trace is None else np.asarray(sn_trace)),
         p=p, n_sweeps=n_sweeps, update_f=update_f, deconv_kw=deconv_kw,
     )
+    return TemporalResult(C=res.C[:K], S=res.S[:K], YrA=res.YrA[:K], g=res.g[:K], baseline=res.baseline[:K],
+                          c1=res.c1[:K], lam=res.lam[:K], f=res.f, sn=res.sn[:K])
+
+
+_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+def bucket(n: int) -> int:
+    """The padded size used for `n` components or group members: the next of 8, 16, 24, 32, 48, 64, 96, ... (x1.5).
+
+    **Arguments:**
+
+    - `n`: a size.
+
+    **Returns:** the smallest bucket `>= n` (beyond the table, `n` rounded up to a multiple of 1024).
+    """
+    for size in _BUCKETS:
+        if n <= size:
+            return size
+    return -(-n // 1024) * 1024
+
+
+def pad_groups(groups: np.ndarray, K: int, Kp: int) -> np.ndarray:
+    """Re-pad a colouring for `Kp` components: padding index `K` becomes `Kp`, rows padded to `bucket(M)` columns and
+    the number of groups to an even number (at least 2), so similar problems share one compiled shape.
+
+    **Arguments:**
+
+    - `groups`: `(G, M)` colouring padded with `K`; `K`: true number of components; `Kp`: padded number.
+
+    **Returns:** `(G', M')` int32 array padded with `Kp`.
+    """
+    G, M = groups.shape
+    out = np.full((max(2, G + G % 2), bucket(M)), Kp, np.int32)
+    out[:G, :M] = np.where(groups >= K, Kp, groups)
+    return out

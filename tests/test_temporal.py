@@ -1,0 +1,135 @@
+"""Temporal stage: colouring, raw traces from sufficient statistics vs the explicit residual, recovery of true traces
+on true footprints, background-trace refit, gradients vs finite differences, compile-once."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import nnls
+from scipy.signal import lfilter
+
+from jaxcnmf.temporal import color_components, overlap_graph, raw_traces, update_temporal
+
+
+def tiny_movie(seed=0, H=32, W=32, T=600, p=2, noise=0.25, centers=None, sigma=2.0):
+    """A small movie Y = A C + b f + noise with unit-norm Gaussian footprints and AR(p) calcium (local stand-in)."""
+    rng = np.random.default_rng(seed)
+    if centers is None:
+        centers = [(7, 7), (7, 11), (8, 24), (22, 6), (24, 18), (23, 27)]  # the first two overlap
+    yy, xx = np.mgrid[:H, :W]
+    A = []
+    for r, c in centers:
+        a = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
+        a = np.where(a > 0.05, a, 0.0).ravel()
+        A.append(a / np.linalg.norm(a))
+    A = np.stack(A, axis=1)
+    K = A.shape[1]
+    d_, r_ = np.exp(-1 / 20.0), np.exp(-1 / 2.0)
+    g = np.array([d_ + r_, -d_ * r_]) if p == 2 else np.array([d_])
+    S = (rng.random((K, T)) < 0.03) * rng.lognormal(0.0, 0.3, (K, T)) * 3.0
+    C = lfilter([1.0], np.r_[1.0, -g], S, axis=1)
+    b = (1.0 + 0.5 * np.sin(xx / 7.0) ** 2).ravel()[:, None]
+    f = (1.0 + 0.1 * np.sin(np.arange(T) / 50.0))[None, :]
+    Y = A @ C + b @ f + noise * rng.normal(size=(H * W, T))
+    return dict(Y=Y, A=A, C=C, S=S, b=b, f=f, g=np.tile(g, (K, 1)), shape=(H, W))
+
+
+def test_colouring_gives_disjoint_balanced_groups():
+    rng = np.random.default_rng(0)
+    d, K = 400, 40
+    A = (rng.random((d, K)) < 0.03) * rng.random((d, K))
+    groups = color_components(A)
+    adj = overlap_graph(A)
+    members = groups[groups < K]
+    np.testing.assert_array_equal(np.sort(members), np.arange(K))  # each component exactly once
+    for grp in groups:
+        grp = grp[grp < K]
+        assert not adj[np.ix_(grp, grp)].any()
+    sizes = (groups < K).sum(axis=1)
+    assert sizes.max() - sizes.min() <= max(2, sizes.max() // 2)
+    assert color_components(np.zeros((10, 0))).shape == (0, 1)
+
+
+def test_raw_traces_equal_explicit_residual_projection():
+    with jax.enable_x64(True):
+        m = tiny_movie(T=100)
+        Y, A, b, f = m["Y"], m["A"], m["b"], m["f"]
+        C = np.abs(np.random.default_rng(1).normal(size=m["C"].shape))
+        idx = jnp.arange(A.shape[1])
+        got = raw_traces(idx, A.T @ Y, A.T @ A, A.T @ b, C, f)
+        R = Y - A @ C - b @ f
+        want = C + (A.T @ R) / (A**2).sum(axis=0)[:, None]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+def test_one_group_matches_deconvolving_the_explicit_raw_traces():
+    """Disjoint footprints, fixed g and sn: f is the exact NNLS background fit (scipy), and C is exactly the
+    deconvolution of the explicitly formed raw traces C0 + a_k'(Y - A C0 - b f)/||a_k||^2."""
+    from jaxcnmf.deconv import deconvolve
+
+    with jax.enable_x64(True):
+        m = tiny_movie(T=120, centers=[(6, 6), (6, 20), (22, 12)])
+        Y, A, b, g = m["Y"], m["A"], m["b"], m["g"]
+        C0 = 0.5 * m["C"]
+        sn = np.full(A.shape[1], 0.25)
+        res = update_temporal(Y, A, C0, b, np.zeros_like(m["f"]), g=g, sn_trace=sn, p=2)
+        R = Y - A @ C0
+        f_ref = np.array([nnls(b, R[:, t])[0] for t in range(R.shape[1])]).T
+        np.testing.assert_allclose(np.asarray(res.f), f_ref, rtol=1e-9, atol=1e-9)
+        raw = C0 + A.T @ (R - b @ f_ref) / (A**2).sum(axis=0)[:, None]
+        ref = jax.vmap(lambda y, gg, s: deconvolve(y, gg, s, p=2))(raw, g, sn)
+        np.testing.assert_allclose(np.asarray(res.C), np.asarray(ref.c), rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(res.S), np.asarray(ref.s), rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(res.baseline), np.asarray(ref.b), rtol=1e-7, atol=1e-7)
+        # YrA is the raw trace at the final C minus C
+        raw_final = A.T @ (Y - b @ f_ref) / (A**2).sum(axis=0)[:, None]  # disjoint: other components do not leak in
+        np.testing.assert_allclose(np.asarray(res.YrA + res.C), raw_final, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_recovers_true_traces_on_true_footprints(p):
+    m = tiny_movie(seed=p, p=p, T=800)
+    res = update_temporal(jnp.asarray(m["Y"], jnp.float32), m["A"], np.zeros_like(m["C"]), m["b"], m["f"], p=p,
+                          n_sweeps=2)
+    C = np.asarray(res.C)
+    assert C.dtype == np.float32 and np.isfinite(C).all()
+    corr = [np.corrcoef(C[k], m["C"][k])[0, 1] for k in range(C.shape[0])]
+    assert min(corr) > 0.95, corr
+    assert res.g.shape == (C.shape[0], p)
+    # the estimated kinetics are plausible (decay time within a factor 2: short noisy traces, see test_noise)
+    from jaxcnmf.noise import ar_to_tau
+
+    tau_d, _ = ar_to_tau(np.asarray(res.g, np.float64), 1.0)
+    assert np.all((np.asarray(tau_d) > 10.0) & (np.asarray(tau_d) < 40.0)), tau_d
+    # a second movie of the same shape (other data, other K) reuses the compiled update
+    from jaxcnmf import temporal
+
+    n = temporal._update_temporal_core._cached._cache_size()
+    m2 = tiny_movie(seed=5, p=p, T=800, centers=[(5, 5), (20, 20), (6, 26)])
+    update_temporal(jnp.asarray(m2["Y"], jnp.float32), m2["A"], m2["C"], m2["b"], m2["f"], p=p, n_sweeps=2)
+    assert temporal._update_temporal_core._cached._cache_size() == n
+
+
+def test_gradient_wrt_movie_matches_finite_differences():
+    with jax.enable_x64(True):
+        m = tiny_movie(seed=3, H=16, W=16, T=120, centers=[(5, 5), (10, 11)], noise=0.2)  # same compiled shape as above
+        A, b, f, g = m["A"], m["b"], m["f"], m["g"]
+        sn = np.full(A.shape[1], 0.2)
+        C0 = m["C"]
+        w = np.random.default_rng(0).normal(size=m["C"].shape)
+
+        def loss(Y):
+            res = update_temporal(Y, A, C0, b, f, g=g, sn_trace=sn, p=2, groups=np.array([[0, 1]]))
+            return jnp.sum(w * res.C) + 0.5 * jnp.sum(res.S**2)
+
+        Y = jnp.asarray(m["Y"])
+        grad = jax.grad(loss)(Y)
+        assert np.isfinite(np.asarray(grad)).all()
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            v = rng.normal(size=Y.shape)
+            eps = 1e-6
+            fd = (loss(Y + eps * v) - loss(Y - eps * v)) / (2 * eps)
+            np.testing.assert_allclose(float(jnp.sum(grad * v)), float(fd), rtol=1e-4, atol=1e-6)
