@@ -77,7 +77,8 @@ class SimParams:
     - `tau_decay`, `tau_rise`: calcium decay and rise time constants in seconds. `tau_rise` of 0 or None gives AR(1)
       kinetics (`g = d`), otherwise AR(2) with `g1 = d + r`, `g2 = -d r`, `d = exp(-1/(tau_decay fps))`,
       `r = exp(-1/(tau_rise fps))`.
-    - `tau_jitter`: per-neuron log-normal spread (coefficient of variation) of both time constants.
+    - `tau_jitter`: per-neuron log-normal spread (coefficient of variation) of both time constants (a neuron's rise
+      time stays shorter than its decay time).
     - `spike_rate`: mean rate of spike events per neuron, in Hz (per-neuron rates are gamma distributed with
       coefficient of variation `rate_cv`). Each event starts a burst with probability `burst_prob`; a burst holds
       `burst_size` spikes on average (at least 2), spread over the 0.1 s after the event.
@@ -344,7 +345,7 @@ def _shift_frames(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def ar_coefficients(tau_decay: float, tau_rise: float | None, fps: float) -> np.ndarray:
+def _ar_coefficients(tau_decay: float, tau_rise: float | None, fps: float) -> np.ndarray:
     """AR coefficients of a calcium transient with the given time constants (seconds) at `fps` Hz.
 
     **Arguments:** `tau_decay`, `tau_rise` (None or 0 for AR(1)), `fps`.
@@ -414,7 +415,7 @@ def _kinetics(rng: np.random.Generator, K: int, p: SimParams) -> np.ndarray:
     jd = _lognormal(rng, p.tau_jitter, K)
     jr = _lognormal(rng, p.tau_jitter, K)
     rise = [None if p.tau_rise is None else p.tau_rise * min(a, b) for a, b in zip(jr, jd)]
-    return np.stack([ar_coefficients(p.tau_decay * a, r, p.fps) for a, r in zip(jd, rise)])
+    return np.stack([_ar_coefficients(p.tau_decay * a, r, p.fps) for a, r in zip(jd, rise)])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -714,7 +715,7 @@ def simulate(params: SimParams | None = None, *, seed: int = 0, **overrides) -> 
     b, f = _background(rng_bg, A[whole].sum(0), p)
     neuropil_index = -1
     if p.neuropil > 0:
-        b_np, f_np = _neuropil(rng_np, ar_coefficients(p.tau_decay, p.tau_rise, p.fps), n_burn, p)
+        b_np, f_np = _neuropil(rng_np, _ar_coefficients(p.tau_decay, p.tau_rise, p.fps), n_burn, p)
         b, f = np.concatenate([b, b_np[None]]), np.concatenate([f, f_np[None]])
         neuropil_index = b.shape[0] - 1
     b, f = b.astype(np.float32), f.astype(np.float32)

@@ -164,6 +164,22 @@ def test_calcium_decays_with_the_requested_time_constant(tau_decay, tau_rise, fp
         assert len(offsets) >= 5 and np.median(offsets) == expected
 
 
+def test_ar_coefficients_follow_the_time_constants():
+    """g per neuron is the documented conversion (and agrees with noise.tau_to_ar), also with per-neuron jitter."""
+    import jax
+
+    from jaxcnmf.noise import tau_to_ar
+
+    _, t = simulate(seed=0, fps=20.0, tau_decay=0.8, tau_rise=0.1, **SMALL)
+    d, r = math.exp(-1 / (0.8 * 20)), math.exp(-1 / (0.1 * 20))
+    np.testing.assert_allclose(t.g, np.tile([d + r, -d * r], (6, 1)), rtol=1e-6)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(t.g[0], np.asarray(tau_to_ar(0.8, 0.1, 20.0)), rtol=1e-6)
+    _, t = simulate(seed=0, tau_rise=None, tau_jitter=0.3, **SMALL)
+    tau = -1 / (np.log(t.g[:, 0].astype(float)) * t.fps)
+    assert t.g.shape == (6, 1) and np.std(tau) > 0.05 and np.all(np.abs(np.log(tau / 0.5)) < 1.5)
+
+
 # ---------------------------------------------------------------- space: overlap, dendrites, motion -------------------
 
 
