@@ -195,7 +195,8 @@ def _check_params(p: SimParams) -> None:
     need(p.fps > 0, "fps", "the frame rate must be positive (Hz)")
     need(p.mode in ("soma", "dendrite"), "mode", "use 'soma' or 'dendrite'")
     need(int(p.n_neurons) >= 1, "n_neurons", "need at least one neuron")
-    need(p.radius > 0 and p.radius < min(p.shape) / 4, "radius", "must be positive and below a quarter of the field")
+    need(p.radius > 0 and (p.mode != "soma" or 2 * p.radius < min(p.shape)), "radius",
+         "must be positive, and a soma (diameter 2 radius) must fit in the field")
     need(0 <= p.radius_jitter < 1, "radius_jitter", "a fraction in [0, 1)")
     need(0 <= p.ellipticity < 1, "ellipticity", "a fraction in [0, 1)")
     need(0 <= p.nucleus < 1, "nucleus", "a fraction in [0, 1)")
