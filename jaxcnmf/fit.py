@@ -41,7 +41,9 @@ class Params:
     - `min_snr`, `rval_thr`: the acceptance rule's thresholds on the trace SNR and the spatial correlation
       (CaImAn `min_SNR`, `rval_thr`); see `quality.evaluate_components` for the exact rule.
     - `n_iter`: outer iterations of spatial -> background -> temporal updates (merging between iterations).
-    - `init`: "greedy" (somata, CaImAn `method_init="greedy_roi"`) or "sparse_nmf" (dendrites/axons).
+    - `init`: "greedy" (somata, CaImAn `method_init="greedy_roi"`) or "sparse_nmf" (dendrites/axons, CaImAn
+      `method_init="sparse_nmf"`); "sparse_nmf" also makes the spatial update non-compact (search areas follow each
+      footprint's shape, no clean-up to one connected blob).
     - `spatial_method`: "constrained" (per-pixel noise-constrained sparse fit) or "hals" (faster HALS sweeps).
     - `temporal_sweeps`: block-coordinate sweeps per temporal update (CaImAn `ITER`).
     - `background_iter`: HALS iterations per background update.
@@ -317,6 +319,7 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     d = H * W
     fps_eff = prm.fps if prm.fps is not None else DEFAULT_FPS
     radius = float(prm.neuron_radius)
+    compact = prm.init == "greedy"  # somata: disk search areas, one connected blob; dendrites: shape-following
 
     sn = np.asarray(estimate_noise_movie(Y, chunk_frames=prm.chunk_frames), np.float32)
     sn_flat = jnp.asarray(sn.reshape(d))
@@ -338,8 +341,9 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     for it in range(prm.n_iter):
         if A.shape[1] == 0:
             break
-        A, b = update_spatial(Yr, A, C, b, f, sn_flat, radius=radius, shape=(H, W), method=prm.spatial_method)
-        A, norms = cleanup_footprints(A, (H, W))
+        A, b = update_spatial(Yr, A, C, b, f, sn_flat, radius=radius, shape=(H, W), method=prm.spatial_method,
+                              compact=compact)
+        A, norms = cleanup_footprints(A, (H, W), connected=compact)
         C = C * jnp.asarray(norms, C.dtype)[:, None]
         A, C = _drop_degenerate(A, C)
         prog.done(f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")

@@ -167,11 +167,14 @@ def _update_temporal_core(
         new["C"] = new["C"].at[K].set(0.0)
         return new, None
 
+    def maybe_group_step(state, idx):  # groups made only of padding are skipped (no deconvolution work)
+        return jax.lax.cond(jnp.all(idx == K), lambda s, i: (s, None), group_step, state, idx)
+
     def sweep(state, _):
         if update_f:
             state = dict(state)
             state["f"] = hals_f_step(bY, bA, state["C"][:K], bb, state["f"])
-        state, _ = jax.lax.scan(group_step, state, groups)
+        state, _ = jax.lax.scan(maybe_group_step, state, groups)
         return state, None
 
     state, _ = jax.lax.scan(sweep, init, None, length=n_sweeps)
@@ -273,7 +276,8 @@ def bucket(n: int) -> int:
 
 def pad_groups(groups: np.ndarray, K: int, Kp: int) -> np.ndarray:
     """Re-pad a colouring for `Kp` components: padding index `K` becomes `Kp`, rows padded to `bucket(M)` columns and
-    the number of groups to an even number (at least 2), so similar problems share one compiled shape.
+    the number of groups to `bucket(G)` (all-padding groups cost nothing), so similar problems share one compiled
+    shape.
 
     **Arguments:**
 
@@ -282,6 +286,6 @@ def pad_groups(groups: np.ndarray, K: int, Kp: int) -> np.ndarray:
     **Returns:** `(G', M')` int32 array padded with `Kp`.
     """
     G, M = groups.shape
-    out = np.full((max(2, G + G % 2), bucket(M)), Kp, np.int32)
+    out = np.full((bucket(G), bucket(M)), Kp, np.int32)
     out[:G, :M] = np.where(groups >= K, Kp, groups)
     return out
