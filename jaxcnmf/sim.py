@@ -93,7 +93,8 @@ class SimParams:
     **Background** (all non-negative; rows of `Truth.b`, `Truth.f`)
 
     - `background_rank`: 1 or 2 smooth background components.
-    - `background_level`: mean intensity of the first background component, in movie units (arbitrary units).
+    - `background_level`: mean intensity of the smooth part of the first background component, in movie units
+      (arbitrary units; it sets the scale of everything else).
     - `background_timescale`: time scale of the slow background fluctuations, in seconds.
     - `resting_brightness`: resting fluorescence of the cells above the background, as a fraction of
       `background_level` (part of the first background component, so cells show in the mean image as in real data).
@@ -237,7 +238,7 @@ def _check_params(p: SimParams) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Truth:
     """Everything hidden in a simulated movie. Arrays are float32 numpy arrays unless said otherwise.
 
@@ -273,6 +274,11 @@ class Truth:
     params: dict
 
     ARRAYS = ("A", "C", "S", "b", "f", "sn", "g", "centers", "shifts", "parent")
+
+    def __repr__(self) -> str:
+        T, H, W = self.shape
+        return (f"Truth(T={T}, H={H}, W={W}, K={self.A.shape[0]}, cells={self.n_neurons}, nb={self.b.shape[0]}, "
+                f"p={self.g.shape[1]}, fps={self.fps:g}, seed={self.params.get('seed')})")
 
     @property
     def shape(self) -> tuple[int, int, int]:
