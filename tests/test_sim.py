@@ -270,7 +270,7 @@ def test_truth_round_trip_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name, extra, dtype", [("movie.tif", [], np.float32), ("m16.tif", ["--uint16"], np.uint16),
-                                                ("movie.npy", ["--dendrites", "--motion", "0.5"], np.float32)])
+                                                ("movie.npy", ["--dendrites", "--motion", "0.5", "--background-level", "1000"], np.float32)])
 def test_cli_writes_movie_and_truth(tmp_path, capsys, name, extra, dtype):
     from jaxcnmf.cli import main
     from jaxcnmf.io import load_movie
@@ -285,7 +285,7 @@ def test_cli_writes_movie_and_truth(tmp_path, capsys, name, extra, dtype):
     assert str(out) in printed and truth_file.name in printed
     kw = dict(shape=(32, 36), n_frames=60, n_neurons=3, peak_snr=4.0, offset=100.0, quantize="--uint16" in extra)
     if "--dendrites" in extra:
-        kw.update(mode="dendrite", motion_px=0.5)
+        kw.update(mode="dendrite", motion_px=0.5, background_level=1000.0)
     expected, truth = simulate(seed=2, **kw)
     if out.suffix == ".npy":
         assert np.load(out).dtype == dtype

@@ -29,6 +29,7 @@ _KNOBS = {
     "motion": "motion_px",
     "background_rank": "background_rank",
     "neuropil": "neuropil",
+    "background_level": "background_level",
     "offset": "offset",
 }
 
@@ -69,6 +70,8 @@ def add_parser(subparsers) -> None:
                    f"{d.background_rank})")
     p.add_argument("--neuropil", type=float, help=f"neuropil intensity as a fraction of the background level; 0 "
                    f"disables it (default {d.neuropil:g})")
+    p.add_argument("--background-level", type=float, help=f"mean background intensity, which sets the movie's "
+                   f"intensity scale (default {d.background_level:g})")
     p.add_argument("--offset", type=float, help="constant added to every pixel (default 0)")
     p.add_argument("--uint16", action="store_true",
                    help="round to integers, clip to 0..65535 and write uint16 (default: float32)")
