@@ -374,6 +374,11 @@ def plot_quality(result: Result, *, min_snr: float | None = None, rval_thr: floa
     if rval_thr is not None:
         ax.axvline(rval_thr, color="tab:blue", lw=0.8, ls="--", label=f"rval_thr = {rval_thr:g}")
     ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("r_value (footprint x trace vs movie correlation)")
     ax.set_ylabel("trace SNR")
     ax.set_title("component quality (numbers: component index)", fontsize=10)
