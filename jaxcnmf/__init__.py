@@ -42,6 +42,15 @@ _LAZY = {
     # the full fit
     "fit": "fit",
     "Params": "fit",
+    # figures, report, NWB export
+    "local_correlation_image": "plot",
+    "plot_contours": "plot",
+    "plot_traces": "plot",
+    "plot_quality": "plot",
+    "plot_background": "plot",
+    "plot_residual": "plot",
+    "write_report": "report",
+    "export_nwb": "nwb",
 }
 
 __all__ = [
