@@ -81,20 +81,38 @@ class DeconvResult(eqx.Module):
 
 
 class _Kernel(eqx.Module):
-    """Tables of the AR impulse response h (h_0 = 1, h_k = g_1 h_{k-1} + g_2 h_{k-2}) used by the pool arithmetic.
+    """The AR impulse response h (h_0 = 1, h_k = g_1 h_{k-1} + g_2 h_{k-2}, h_{-1} = h_{-2} = 0) and its running sums
+    H2[l] = sum_{k<l} h_k^2, H11[l] = sum_{k<l} h_k h_{k-1}, as used by the pool arithmetic.
 
-    `hh[k + 2] = h_k` for k = -2..T (h_{-1} = h_{-2} = 0); `H2[l] = sum_{k<l} h_k^2`; `H11[l] = sum_{k<l} h_k h_{k-1}`.
+    AR(1) uses closed forms (h_k = g^k), which need no table look-ups; AR(2) looks them up in tables
+    (`hh[k + 2] = h_k` for k = -2..T, `H2_tab`, `H11_tab` of length T + 1).
     """
 
     hh: Float[Array, " T+3"]
-    H2: Float[Array, " T+1"]
-    H11: Float[Array, " T+1"]
+    H2_tab: Float[Array, " T+1"]
+    H11_tab: Float[Array, " T+1"]
     g1: Float[Array, ""]
     g2: Float[Array, ""]
+    ar1: bool = eqx.field(static=True)
 
     def h(self, k):
         """h_k for integer k >= -2 (array or scalar)."""
+        if self.ar1:
+            return jnp.where(k >= 0, jnp.exp(jnp.maximum(k, 0) * jnp.log(self.g1)), 0).astype(self.g1.dtype)
         return self.hh[k + 2]
+
+    def H2(self, l):
+        """sum_{k<l} h_k^2."""
+        if self.ar1:
+            lg2 = 2 * jnp.log(self.g1)
+            return (jnp.expm1(l * lg2) / jnp.expm1(lg2)).astype(self.g1.dtype)
+        return self.H2_tab[l]
+
+    def H11(self, l):
+        """sum_{k<l} h_k h_{k-1} (zero for AR(1), where it is only ever multiplied by g2 = 0)."""
+        if self.ar1:
+            return jnp.zeros(jnp.shape(l), self.g1.dtype)
+        return self.H11_tab[l]
 
 
 def _kernel(g: Float[Array, " p"], T: int) -> _Kernel:
@@ -121,7 +139,7 @@ def _kernel(g: Float[Array, " p"], T: int) -> _Kernel:
     hprev = hh[1 : T + 1]  # h_{-1}..h_{T-2}
     H2 = jnp.concatenate([jnp.zeros(1, g.dtype), jnp.cumsum(h[:T] ** 2)])
     H11 = jnp.concatenate([jnp.zeros(1, g.dtype), jnp.cumsum(h[:T] * hprev)])
-    return _Kernel(hh=hh, H2=H2, H11=H11, g1=g1, g2=g2)
+    return _Kernel(hh=hh, H2_tab=H2, H11_tab=H11, g1=g1, g2=g2, ar1=g.shape[0] == 1)
 
 
 def _penalty_weights(g: Float[Array, " p"], T: int, length, c1_free: bool) -> Float[Array, " T"]:
@@ -152,7 +170,7 @@ def _penalty_weights(g: Float[Array, " p"], T: int, length, c1_free: bool) -> Fl
 
 def _pool_value(ker: _Kernel, pool, l):
     """Least-squares calcium value at the start of `pool` of length `l`."""
-    return (pool[1] - ker.g2 * pool[3] * ker.H11[l]) / ker.H2[l]
+    return (pool[1] - ker.g2 * pool[3] * ker.H11(l)) / ker.H2(l)
 
 
 def _pool_tail(ker: _Kernel, v, cp, l):
@@ -163,15 +181,21 @@ def _pool_tail(ker: _Kernel, v, cp, l):
 
 
 def _merge(ker: _Kernel, lower, upper, l_lower):
-    """The pool covering `lower` (of length `l_lower`) followed by `upper`."""
-    hl, hl1, hl2 = ker.h(l_lower), ker.h(l_lower - 1), ker.h(l_lower - 2)
+    """The pool covering `lower` (of length `l_lower`) followed by `upper` (pools as 5-tuples)."""
+    hl = ker.h(l_lower)
+    if ker.ar1:
+        return (lower[0], lower[1] + hl * upper[1], lower[2], lower[3], lower[4])
+    hl1, hl2 = ker.h(l_lower - 1), ker.h(l_lower - 2)
     A = lower[1] + hl * upper[1] + ker.g2 * hl1 * upper[2]
     B = lower[2] + hl1 * upper[1] + ker.g2 * hl2 * upper[2]
-    return jnp.stack([lower[0], A, B, lower[3], lower[4]])
+    return (lower[0], A, B, lower[3], lower[4])
 
 
 def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min) -> tuple[Bool[Array, " T"], Bool[Array, ""]]:
     """Pool structure of min 1/2||x - c||^2 s.t. G c >= 0 (spikes after the first >= s_min, else merged).
+
+    The two top pools live in the loop carry; the pools below them in five (T,) arrays indexed by stack position
+    (separate 1-D arrays: a batched row update of a (T, 5) array is copied whole by XLA on CPU).
 
     **Arguments:**
     - `x`: shifted data (zero at padded frames).
@@ -184,48 +208,54 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min) -> tuple[Bool[Array
     T = x.shape[0]
     dt = x.dtype
     zero = jnp.zeros((), dt)
+    nfield = 2 if ker.ar1 else 5  # AR(1) pools need only (t0, A)
 
-    def row(t0, A, B, cp, cpp):
-        return jnp.stack([jnp.asarray(t0, dt), A, B, cp, cpp])
-
-    top1 = row(0, x[0], zero, zero, zero)
-    top2 = jnp.zeros(5, dt)
-    stack = jnp.zeros((T, 5), dt)
+    top1 = (jnp.int32(0), x[0], zero, zero, zero)[:nfield]
+    top2 = (jnp.int32(0), zero, zero, zero, zero)[:nfield]
+    stack = (jnp.zeros(T, jnp.int32),) + tuple(jnp.zeros(T, dt) for _ in range(nfield - 1))
     # state: next frame t, number of pools n, top pool, the one below, the rest, first pool pinned at 0, finished
     state = (jnp.int32(1), jnp.int32(1), top1, top2, stack, jnp.bool_(False), jnp.bool_(False))
+
+    def full(pool):
+        return tuple(pool) + (zero,) * (5 - nfield)
 
     def cond(state):
         return ~state[-1]
 
     def body(state):
         t, n, top1, top2, stack, pinned, _ = state
-        t01 = top1[0].astype(jnp.int32)
-        t02 = top2[0].astype(jnp.int32)
-        l1 = t - t01
-        l2 = t01 - t02
-        v1 = jnp.where((n == 1) & pinned, 0, _pool_value(ker, top1, l1))
-        spike1 = v1 - ker.g1 * top1[3] - ker.g2 * top1[4]
+        p1, p2 = full(top1), full(top2)
+        l1 = t - p1[0]
+        l2 = p1[0] - p2[0]
+        v1 = jnp.where((n == 1) & pinned, 0, _pool_value(ker, p1, l1))
+        spike1 = v1 - ker.g1 * p1[3] - ker.g2 * p1[4]
+        if ker.ar1:  # the calcium before the top pool is the decayed value of the one below
+            v2 = jnp.where((n == 2) & pinned, 0, _pool_value(ker, p2, l2))
+            spike1 = v1 - ker.g1 * v2 * ker.h(l2 - 1)
         merge = (n >= 2) & (spike1 < s_min)
         pin = (n == 1) & ~pinned & (v1 < 0)
         push = ~merge & ~pin & (t < length)
         done = ~merge & ~pin & ~push
 
-        merged = _merge(ker, top2, top1, l2)
-        below = stack[jnp.maximum(n - 3, 0)]
-        last, second = _pool_tail(ker, v1, top1[3], l1)
-        new = row(t, x[jnp.minimum(t, T - 1)], zero, last, second)
+        merged = _merge(ker, p2, p1, l2)[:nfield]
+        k = jnp.maximum(n - 3, 0)
+        below = tuple(a[k] for a in stack)
+        last, second = _pool_tail(ker, v1, p1[3], l1)
+        new = (t, x[jnp.minimum(t, T - 1)], zero, last, second)[:nfield]
 
-        stack = stack.at[jnp.maximum(n - 2, 0)].set(top2)  # slot n-2 is free unless we push, when it takes top2
-        top1_next = jnp.where(merge, merged, jnp.where(push, new, top1))
-        top2_next = jnp.where(merge, below, jnp.where(push, top1, top2))
+        slot = jnp.maximum(n - 2, 0)  # free unless we push, when it takes top2
+        stack = tuple(a.at[slot].set(v, mode="promise_in_bounds") for a, v in zip(stack, top2))
+        pick = lambda a, b, c: jnp.where(merge, a, jnp.where(push, b, c))
+        top1_next = tuple(pick(a, b, c) for a, b, c in zip(merged, new, top1))
+        top2_next = tuple(pick(a, b, c) for a, b, c in zip(below, top1, top2))
         n = n + push.astype(jnp.int32) - merge.astype(jnp.int32)
         t = t + push.astype(jnp.int32)
         return t, n, top1_next, top2_next, stack, pinned | pin, done
 
     t, n, top1, top2, stack, pinned, _ = jax.lax.while_loop(cond, body, state)
-    t0 = stack[:, 0].astype(jnp.int32)
-    t0 = t0.at[jnp.where(n >= 2, n - 2, T)].set(top2[0].astype(jnp.int32), mode="drop")
-    t0 = t0.at[n - 1].set(top1[0].astype(jnp.int32))
+    t0 = stack[0]
+    t0 = t0.at[jnp.where(n >= 2, n - 2, T)].set(top2[0], mode="drop")
+    t0 = t0.at[n - 1].set(top1[0])
     t0 = jnp.where(jnp.arange(T) < n, t0, T)
     starts = jnp.zeros(T, bool).at[t0].set(True, mode="drop")
     return starts, pinned
@@ -256,10 +286,13 @@ def _on_pools(xs: Float[Array, "T m"], starts, pinned, ker: _Kernel, length) -> 
     hk = ker.h(k)
     A = jax.ops.segment_sum(hk[:, None] * xs, t0, num_segments=T)
     A = A * jnp.where((t == 0) & pinned, 0, 1).astype(xs.dtype)[:, None]
-    H2 = ker.H2[l][:, None]
+    H2 = ker.H2(l)[:, None]
+    if ker.ar1:  # pools are independent
+        c = (A / H2)[t0] * hk[:, None]
+        return jnp.where((t < length)[:, None], c, 0)
     if_start = starts[:, None]
     # calcium before each pool: the affine recursion cp' = alpha cp + beta over pools, in time order (AR(2) only)
-    H11 = ker.H11[l][:, None]
+    H11 = ker.H11(l)[:, None]
     hl1, hl2 = ker.h(l - 1)[:, None], ker.h(l - 2)[:, None]
     alpha = jnp.where(if_start, ker.g2 * (hl2 - H11 * hl1 / H2), 1) * jnp.ones_like(xs)
     beta = jnp.where(if_start, A / H2 * hl1, 0)
