@@ -34,7 +34,9 @@ class Params:
       the quality rule's time scales and the result's metadata; when unknown, `DEFAULT_FPS` (30 Hz) is used there
       and `Result.params["fps"]` stays `None`.
     - `K`: optional upper bound on the number of components (CaImAn `K`); by default the initialisation stops by itself
-      when a new component no longer explains more than noise.
+      when a new component no longer explains more than noise, with `default_max_components` (half the field tiled
+      by neuron discs) as a safeguard against runaway initialisations on unusual data (the progress line says so
+      when that bound is reached).
     - `p`: order of the AR model of the calcium (CaImAn `p`): 1 (instant rise) or 2 (rise and decay).
     - `nb`: number of background components (CaImAn `gnb`).
     - `merge_thr`: trace correlation above which overlapping components are merged (CaImAn `merge_thr`).
@@ -326,8 +328,9 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     prog.done("noise", f"median sn {float(np.median(sn)):.3g}")
 
     key = jax.random.PRNGKey(prm.seed)
+    k_max = prm.K if prm.K is not None else default_max_components(H, W, radius)
     if prm.init == "greedy":
-        ini = greedy_init(Y, radius, K=prm.K, nb=prm.nb, fps=prm.fps, key=key)
+        ini = greedy_init(Y, radius, K=k_max, nb=prm.nb, fps=prm.fps, key=key)
     else:
         ini = sparse_nmf_init(Y, prm.K or _default_nmf_k(H, W, radius), nb=prm.nb, key=key)
     Yr = jnp.asarray(np.ascontiguousarray(Y.reshape(T, d).T))
@@ -335,7 +338,8 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     A, C = jnp.asarray(ini.A, jnp.float32), jnp.asarray(ini.C, jnp.float32)
     b, f = jnp.asarray(ini.b, jnp.float32), jnp.asarray(ini.f, jnp.float32)
     A, C = _drop_degenerate(A, C)
-    prog.done("initialise", f"{A.shape[1]} components")
+    capped = prm.K is None and prm.init == "greedy" and A.shape[1] >= k_max
+    prog.done("initialise", f"{A.shape[1]} components" + (" (stopped at the safeguard bound; pass K)" if capped else ""))
 
     tr = None
     for it in range(prm.n_iter):
@@ -380,6 +384,18 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
         lam=per(tr.lam), snr=snr[order], r_value=r_value[order], accepted=accepted[order].astype(bool),
         centers=center_of_mass(A_np, (H, W)).astype(np.float32), params=prm.to_dict(), version=__version__,
     )
+
+
+def default_max_components(H: int, W: int, radius: float) -> int:
+    """Upper bound on K when none is given: half the field of view tiled by discs of the neuron radius.
+
+    **Arguments:**
+
+    - `H`, `W`: field of view in pixels; `radius`: neuron radius in pixels.
+
+    **Returns:** `max(1, floor(H W / (2 pi radius^2)))`.
+    """
+    return max(1, int(H * W / (2 * math.pi * radius**2)))
 
 
 def _default_nmf_k(H: int, W: int, radius: float) -> int:
