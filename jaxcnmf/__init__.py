@@ -42,6 +42,9 @@ _LAZY = {
     # the full fit
     "fit": "fit",
     "Params": "fit",
+    "update_temporal": "temporal",
+    "update_background": "background",
+    "merge_components": "merge",
     # figures, report, NWB export
     "local_correlation_image": "plot",
     "plot_contours": "plot",
