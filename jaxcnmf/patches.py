@@ -226,6 +226,9 @@ class ProgressBar:
 def read_window(source, box, chunk_frames: int) -> np.ndarray:
     """Frames of one patch `(T, r1 - r0, c1 - c0)` float32, read chunk by chunk (peak memory: one chunk + the patch).
 
+    A memory-mapped movie (`.npy`, uncompressed TIFF) without non-finite values is sliced directly, so only the
+    patch's rows are read from disk; other sources are read a chunk of whole frames at a time.
+
     **Arguments:**
 
     - `source`: a `MovieSource`; `box`: `(r0, r1, c0, c1)`; `chunk_frames`: frames per read.
@@ -235,9 +238,44 @@ def read_window(source, box, chunk_frames: int) -> np.ndarray:
     r0, r1, c0, c1 = (int(x) for x in box)
     T = len(source)
     out = np.empty((T, r1 - r0, c1 - c0), np.float32)
-    for start, chunk in source.iter_chunks(chunk_frames):
+    mapped = _mapped_array(source)
+    step = max(1, int(chunk_frames))
+    if mapped is not None:
+        for start in range(0, T, step):
+            out[start:start + step] = mapped[start:start + step, r0:r1, c0:c1]
+            release_pages(source)
+        return out
+    for start, chunk in source.iter_chunks(step):
         out[start:start + len(chunk)] = chunk[:, r0:r1, c0:c1]
+        release_pages(source)
     return out
+
+
+def _mapped_array(source):
+    """The memory map behind a `MovieSource` when slicing it raw is safe (integers, or floats checked finite)."""
+    reader = getattr(source, "_reader", None)
+    array = getattr(reader, "array", None)
+    if not isinstance(array, np.memmap):
+        return None
+    clean = source.dtype.kind in "ui" or (source.nonfinite_frames is not None and len(source.nonfinite_frames) == 0)
+    return array if clean else None
+
+
+def release_pages(source) -> None:
+    """Unmap the pages of a memory-mapped movie that reads have touched (they stay in the OS file cache).
+
+    Pages of a file mapping count in a process's resident memory until the kernel needs them back; dropping them
+    after each chunk keeps the resident memory of a streamed pass at one chunk, as it would be with plain reads.
+    """
+    import mmap
+
+    array = getattr(getattr(source, "_reader", None), "array", None)
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 # ------------------------------------------------------------------------------------------------------- patch jobs
@@ -621,6 +659,7 @@ class Streamer:
 
     def _chunks(self):
         for start, chunk in self.source.iter_chunks(self.chunk):
+            release_pages(self.source)
             n = len(chunk)
             Y = chunk.reshape(n, self.d)
             if n < self.chunk or self.dp != self.d:

@@ -1,0 +1,265 @@
+"""Scale benchmark: patch mode vs a whole-field fit (accuracy and time), an out-of-core fit of a uint16 movie on disk
+(peak resident memory), time vs frames and vs pixels (fitted exponents), 1 vs 2 devices, local vs Dask.
+
+Every section measures its peer in the same run and prints a ratio; `--append` adds one row per section to
+experiments/RESULTS.md. The defaults are small (a shared 2-core box); the issue's sizes are:
+
+    python experiments/bench_scale.py --sections accuracy --shape 512 --frames 2000
+    python experiments/bench_scale.py --sections ooc --shape 512 --ooc-frames 20000 --memory-budget 2GB
+
+Movies come from `jaxcnmf.sim`. The out-of-core movie is written block by block to a uint16 .npy (one simulated block
+of `--block` frames repeated with its noise; the fit does not know), so it never exists in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MACHINE = "2-core CPU (this dev box), no GPU"
+LOAD_NOTE = "shared box, up to 8 helpers running: timings noisy"
+
+
+def _row(bench: str, result: str, command: str, append: bool) -> None:
+    line = f"| {datetime.date.today()} | {bench} | {MACHINE} | {result} ({LOAD_NOTE}) | `{command}` |"
+    print(line, flush=True)
+    if append:
+        path = HERE / "RESULTS.md"
+        if not path.exists():
+            path.write_text("| date | benchmark | machine | result | command |\n|---|---|---|---|---|\n")
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def _sim(size: int, frames: int, seed: int = 0, radius: float = 4.0, density: float = 1 / 500, **kw):
+    from jaxcnmf.sim import simulate
+
+    n = max(4, int(size * size * density))
+    return simulate(shape=(size, size), n_frames=frames, n_neurons=n, radius=radius, seed=seed, **kw)
+
+
+def _score(res, truth) -> tuple[float, float]:
+    from jaxcnmf.metrics import score_result
+
+    s = score_result(res, truth)
+    return float(s["f1"]), float(s["calcium_corr_median"] or float("nan"))
+
+
+def _timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+def _slope(x, y) -> float:
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+# --------------------------------------------------------------------------------------------------------- sections
+
+
+def accuracy(args):
+    """Patch mode vs the whole-field fit of the same movie: F1, median calcium correlation, time."""
+    from jaxcnmf.fit import fit
+    from jaxcnmf.patches import fit_patches
+
+    movie, truth = _sim(args.shape, args.frames, seed=1, radius=args.radius)
+    whole, t_whole = _timed(fit, movie, args.radius, fps=30.0)
+    patched, t_patch = _timed(fit_patches, movie, args.radius, fps=30.0, patch_size=args.patch, overlap=args.overlap,
+                              progress=True)
+    (f1w, cw), (f1p, cp) = _score(whole, truth), _score(patched, truth)
+    res = (f"{args.shape}x{args.shape}x{args.frames}, {truth.A.shape[0]} neurons, patches {args.patch}+{args.overlap}: "
+           f"patch F1 {f1p:.3f} / corr {cp:.3f} vs whole-field F1 {f1w:.3f} / corr {cw:.3f} "
+           f"(diff {f1p - f1w:+.3f} / {cp - cw:+.3f}); time patch {t_patch:.0f} s vs whole {t_whole:.0f} s "
+           f"(ratio {t_patch / t_whole:.2f}, both with compilation)")
+    _row("scale: patch vs whole-field accuracy", res,
+         f"python experiments/bench_scale.py --sections accuracy --shape {args.shape} --frames {args.frames}",
+         args.append)
+
+
+_OOC_CHILD = """
+import json, resource, sys, threading, time
+sys.path.insert(0, {here!r})
+peak = {{"anon": 0}}
+def watch():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
+from jaxcnmf.patches import fit_patches
+t = time.perf_counter()
+res = fit_patches({path!r}, {radius}, fps=30.0, patch_size={patch}, overlap={overlap}, memory_budget={budget!r},
+                  progress=True)
+elapsed = time.perf_counter() - t
+from jaxcnmf.io import save_result
+save_result({out!r}, res)
+print("RESULT" + json.dumps({{"elapsed": elapsed, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                              "peak_anon": peak["anon"], "K": res.n_components}}))
+"""
+
+
+def out_of_core(args):
+    """Fit a uint16 movie from disk in a child process and report its peak resident memory."""
+    from jaxcnmf.io import load_result
+
+    T = args.ooc_frames
+    H = W = args.shape
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        path = os.path.join(tmp, "movie.npy")
+        block, truth = _sim(args.shape, min(args.block, T), seed=2, radius=args.radius, quantize=True,
+                            background_level=1000.0)
+        block = np.clip(np.round(block), 0, 65535).astype(np.uint16)
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(T, H, W))
+        for t0 in range(0, T, len(block)):
+            n = min(len(block), T - t0)
+            mm[t0:t0 + n] = block[:n]
+        mm.flush()
+        del mm, block
+        out = os.path.join(tmp, "result.npz")
+        code = textwrap.dedent(_OOC_CHILD.format(here=str(HERE.parent), path=path, radius=args.radius,
+                                                 patch=args.patch, overlap=args.overlap, budget=args.memory_budget,
+                                                 out=out))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit("out-of-core child failed")
+        info = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
+        res = load_result(out)
+        reps = -(-T // len(truth.C[0]))
+        truth_long = {"A": truth.A, "C": np.tile(truth.C, reps)[:, :T], "S": np.tile(truth.S, reps)[:, :T],
+                      "fps": truth.fps}
+        f1, corr = _score(res, truth_long)
+    gb = T * H * W * 4 / 1e9
+    res_txt = (f"{H}x{W}x{T} uint16 .npy ({gb:.2f} GB as float32), budget {args.memory_budget}: peak RSS "
+               f"{info['maxrss'] / 2**30:.2f} GiB (anonymous {info['peak_anon'] / 2**30:.2f} GiB) = "
+               f"{info['maxrss'] / (gb * 1e9):.2f} x the float32 movie; {info['elapsed']:.0f} s; "
+               f"K={info['K']}, F1 {f1:.3f}, corr {corr:.3f}")
+    _row("scale: out-of-core fit from disk (peak memory)", res_txt,
+         f"python experiments/bench_scale.py --sections ooc --shape {H} --ooc-frames {T} "
+         f"--memory-budget {args.memory_budget}", args.append)
+
+
+def scaling(args):
+    """Time of `fit_patches` vs frames (3 lengths) and vs pixels (3 sizes); each timed after a compiling run."""
+    from jaxcnmf.patches import fit_patches
+
+    kw = dict(fps=30.0, patch_size=args.patch, overlap=args.overlap)
+    times_t, frames = [], [args.frames // 4, args.frames // 2, args.frames]
+    side = args.scale_side
+    for T in frames:
+        movie, _ = _sim(side, T, seed=3, radius=args.radius)
+        fit_patches(movie, args.radius, **kw)  # compile for this length
+        times_t.append(_timed(fit_patches, movie, args.radius, **kw)[1])
+    sizes = [side, int(side * 1.5), side * 2]
+    times_p = []
+    for i, s in enumerate(sizes):
+        movie, _ = _sim(s, frames[0], seed=4, radius=args.radius)
+        if i == 0:
+            fit_patches(movie, args.radius, **kw)
+        times_p.append(_timed(fit_patches, movie, args.radius, **kw)[1])
+    et, ep = _slope(frames, times_t), _slope(np.square(sizes), times_p)
+    res = (f"frames {frames} at {side}x{side}: {', '.join(f'{t:.1f}' for t in times_t)} s, exponent {et:.2f}; "
+           f"pixels {[f'{s}x{s}' for s in sizes]} at {frames[0]} frames: {', '.join(f'{t:.1f}' for t in times_p)} s, "
+           f"exponent {ep:.2f} (compiled runs; patches {args.patch}+{args.overlap})")
+    _row("scale: fit_patches time vs frames and pixels", res,
+         f"python experiments/bench_scale.py --sections scaling --frames {args.frames} --scale-side {side}",
+         args.append)
+
+
+_DEV_CHILD = """
+import json, sys, time
+sys.path.insert(0, {here!r})
+import jax
+from jaxcnmf.sim import simulate
+from jaxcnmf.patches import fit_patches
+movie, _ = simulate(shape=({s}, {s}), n_frames={T}, n_neurons={n}, radius={r}, seed=5)
+kw = dict(fps=30.0, patch_size={p}, overlap={o})
+out = {{}}
+for nd in (1, 2):
+    fit_patches(movie, {r}, devices=nd, **kw)
+    t = time.perf_counter(); res = fit_patches(movie, {r}, devices=nd, **kw); out[nd] = time.perf_counter() - t
+    out["K%d" % nd] = res.n_components
+print("RESULT" + json.dumps(out))
+"""
+
+
+def devices(args):
+    """1 vs 2 devices (XLA host devices on CPU: the same 2 cores, so this shows overhead, not a speed-up)."""
+    s = args.scale_side * 2
+    code = textwrap.dedent(_DEV_CHILD.format(here=str(HERE.parent), s=s, T=args.frames // 4, n=max(4, s * s // 500),
+                                             r=args.radius, p=args.patch, o=args.overlap))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit("devices child failed")
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
+    res = (f"{s}x{s}x{args.frames // 4}: 1 device {out['1']:.1f} s, 2 devices {out['2']:.1f} s "
+           f"(ratio {out['1'] / out['2']:.2f}x; K {out['K1']} vs {out['K2']}); CPU host devices share the 2 cores")
+    _row("scale: 1 vs 2 devices (fit_patches)", res, "python experiments/bench_scale.py --sections devices", args.append)
+
+
+def dask_vs_local(args):
+    """The same patch run on a 2-worker local Dask cluster and in this process (both compiled first)."""
+    import distributed
+
+    from jaxcnmf.patches import fit_patches
+
+    s = args.scale_side * 2
+    movie, _ = _sim(s, args.frames // 4, seed=6, radius=args.radius)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        path = os.path.join(tmp, "movie.npy")
+        np.save(path, movie)
+        kw = dict(fps=30.0, patch_size=args.patch, overlap=args.overlap)
+        fit_patches(path, args.radius, **kw)
+        local, t_local = _timed(fit_patches, path, args.radius, **kw)
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        with distributed.Client(cluster) as client:
+            fit_patches(path, args.radius, engine=client, **kw)  # compile on the workers
+            remote, t_dask = _timed(fit_patches, path, args.radius, engine=client, **kw)
+        cluster.close()
+    same = local.n_components == remote.n_components and np.allclose(local.C, remote.C, rtol=1e-4, atol=1e-3)
+    res = (f"{s}x{s}x{args.frames // 4}: local {t_local:.1f} s, Dask 2 workers {t_dask:.1f} s "
+           f"(ratio {t_local / t_dask:.2f}x); same result: {same}")
+    _row("scale: local vs Dask LocalCluster (fit_patches)", res, "python experiments/bench_scale.py --sections dask",
+         args.append)
+
+
+SECTIONS = {"accuracy": accuracy, "ooc": out_of_core, "scaling": scaling, "devices": devices, "dask": dask_vs_local}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="accuracy,ooc,scaling,devices,dask",
+                    help="comma-separated: " + ",".join(SECTIONS))
+    ap.add_argument("--shape", type=int, default=128, help="field side for accuracy and ooc (issue: 512)")
+    ap.add_argument("--frames", type=int, default=600, help="frames for accuracy; the longest scaling length")
+    ap.add_argument("--ooc-frames", type=int, default=2000, help="frames of the out-of-core movie (issue: 20000)")
+    ap.add_argument("--block", type=int, default=500, help="simulated frames repeated to build the ooc movie")
+    ap.add_argument("--memory-budget", default="2GB")
+    ap.add_argument("--scale-side", type=int, default=48, help="smallest field side of the scaling runs")
+    ap.add_argument("--radius", type=float, default=4.0)
+    ap.add_argument("--patch", type=int, default=48)
+    ap.add_argument("--overlap", type=int, default=16)
+    ap.add_argument("--tmp", default=None, help="folder for temporary movies (default: the system's)")
+    ap.add_argument("--append", action="store_true", help="append rows to experiments/RESULTS.md")
+    args = ap.parse_args(argv)
+    for name in args.sections.split(","):
+        SECTIONS[name.strip()](args)
+
+
+if __name__ == "__main__":
+    main()
