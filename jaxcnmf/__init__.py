@@ -42,6 +42,9 @@ _LAZY = {
     # the full fit
     "fit": "fit",
     "Params": "fit",
+    # scale: patches, many movies
+    "fit_patches": "patches",
+    "fit_many": "batch",
     "update_temporal": "temporal",
     "update_background": "background",
     "merge_components": "merge",
