@@ -17,7 +17,7 @@ from jax import lax
 
 from .errors import MovieError, ParameterError
 
-__all__ = ["InitResult", "greedy_init", "sparse_nmf_init", "gaussian_blur", "background_hals"]
+__all__ = ["InitResult", "greedy_init", "sparse_nmf_init", "gaussian_blur", "score_filter", "background_hals"]
 
 
 class InitResult(eqx.Module):
@@ -31,7 +31,7 @@ class InitResult(eqx.Module):
       (so `b[:, 0]` is close to the median image for nb = 1).
     - `centers`: (K, 2) float (row, col) of each component's seed pixel (greedy) or centre of mass (sparse NMF).
     - `median`: (H, W) per-pixel temporal median of the movie (the first background guess).
-    - `psnr`: (K,) peak of each seed's blurred residual trace over that trace's noise (greedy; energy rank otherwise).
+    - `psnr`: (K,) peak of each seed's filtered residual trace over that trace's noise (greedy; energy rank otherwise).
     """
 
     A: jax.Array
@@ -98,21 +98,30 @@ def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> np.ndarray:
     return k / k.sum()
 
 
+def _taps_along(x: jax.Array, kernel: jax.Array, axis: int) -> jax.Array:
+    """Correlate `x` with the odd-length 1-D `kernel` along `axis` (zero padding): a sum of shifted slices, which XLA
+    fuses into one pass (much faster on CPU than a one-channel convolution)."""
+    n = kernel.shape[0]
+    half = n // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (half, half)
+    xp = jnp.pad(x, pad)
+    L = x.shape[axis]
+    out = kernel[0] * lax.slice_in_dim(xp, 0, L, axis=axis)
+    for i in range(1, n):
+        out = out + kernel[i] * lax.slice_in_dim(xp, i, i + L, axis=axis)
+    return out
+
+
 def gaussian_blur(frames: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Separable blur of every frame of a (..., H, W) stack with the 1-D `kernel` on both axes (zero padding).
+    """Separable filter of every frame of a (..., H, W) stack with the 1-D `kernel` on both axes (zero padding).
 
-    **Arguments:** `frames` (..., H, W) floating; `kernel` (k,) 1-D taps, k odd.
+    **Arguments:** `frames` (..., H, W) floating; `kernel` (k,) 1-D taps, k odd (e.g. `gaussian_kernel1d`).
 
-    **Returns:** blurred stack, same shape and dtype.
+    **Returns:** filtered stack, same shape and dtype.
     """
-    lead = frames.shape[:-2]
-    H, W = frames.shape[-2:]
-    x = frames.reshape((-1, 1, H, W))
-    k = kernel.astype(frames.dtype)
-    n = k.shape[0]
-    x = lax.conv_general_dilated(x, k.reshape(1, 1, n, 1), (1, 1), "SAME")
-    x = lax.conv_general_dilated(x, k.reshape(1, 1, 1, n), (1, 1), "SAME")
-    return x.reshape(lead + (H, W))
+    k = jnp.asarray(kernel).astype(frames.dtype)
+    return _taps_along(_taps_along(frames, k, -1), k, -2)
 
 
 def _mad_noise_of_differences(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -124,34 +133,81 @@ def _mad_noise_of_differences(x: jax.Array, axis: int = 0) -> jax.Array:
 # --------------------------------------------------------------------------------------------------- rank-1 refinement
 
 
-def rank1_nmf(X: jax.Array, a0: jax.Array, n_iter: int) -> tuple[jax.Array, jax.Array]:
-    """Rank-1 non-negative factorisation X (T, n) ~ c a' by alternating projected least squares.
+def rank1_nmf(X: jax.Array, a0: jax.Array, n_iter: int, nonneg_c: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Rank-1 factorisation X (T, n) ~ c a' with a >= 0 by alternating (projected) least squares.
 
-    **Arguments:** `X` (T, n) data; `a0` (n,) non-negative start for the spatial factor; `n_iter` alternations (fixed).
+    **Arguments:** `X` (T, n) data; `a0` (n,) non-negative start for the spatial factor; `n_iter` alternations (fixed);
+    `nonneg_c`: also constrain c >= 0 (a non-negative factorisation); False lets c take either sign (a trace measured
+    against a baseline that may sit below zero).
 
-    **Returns:** `(a, c)`: a (n,) of unit l2 norm (zero if the fit is empty), c (T,) >= 0.
+    **Returns:** `(a, c)`: a (n,) >= 0 of unit l2 norm (zero if the fit is empty), c (T,) (>= 0 with `nonneg_c`).
     """
     tiny = jnp.asarray(1e-12, X.dtype)
+    proj = (lambda v: jnp.maximum(v, 0.0)) if nonneg_c else (lambda v: v)
 
     def step(_, a):
-        c = jnp.maximum(X @ a, 0.0) / jnp.maximum(a @ a, tiny)
+        c = proj(X @ a) / jnp.maximum(a @ a, tiny)
         a = jnp.maximum(X.T @ c, 0.0) / jnp.maximum(c @ c, tiny)
         return a
 
     a = lax.fori_loop(0, n_iter, step, a0)
     na = jnp.sqrt(a @ a)
     a = jnp.where(na > 0, a / jnp.maximum(na, tiny), 0.0)
-    c = jnp.maximum(X @ a, 0.0)
+    c = proj(X @ a)
     return a, c
 
 
-@partial(jax.jit, static_argnames=("h", "hb", "pad", "n_iter"), donate_argnums=(0, 1, 2, 3))
-def _greedy_round(Rp, Bp, Ep, Pp, centres, valid, a0, kernel, *, h, hb, pad, n_iter):
+def window_rank1(
+    X: jax.Array, ring: jax.Array, inside: jax.Array, a0: jax.Array, n_iter: int
+) -> tuple[jax.Array, jax.Array]:
+    """Rank-1 fit of one window after removing its local background: X - h 1' ~ c a' on the pixels inside the image.
+
+    h_t is the median of frame t over the window's border `ring` (pixels assumed outside the neuron; only those
+    inside the image count), so a smooth neuropil / background under the neuron goes into h rather than into c.
+    c may take either sign: the movie had each pixel's median removed, which for an active neuron lies above its
+    resting level, so its quiet frames sit below zero.
+
+    **Arguments:** `X` (T, n) window data; `ring` (n,) bool border pixels; `inside` (n,) bool pixels inside the image;
+    `a0` (n,) start; `n_iter` alternations.
+
+    **Returns:** `(a, c)` as `rank1_nmf`, a zero outside the image.
+    """
+    use = ring & inside
+    h = jnp.nanmedian(jnp.where(use[None, :], X, jnp.nan), axis=1)
+    h = jnp.where(jnp.any(use), h, 0.0)
+    Xc = jnp.where(inside[None, :], X - h[:, None], 0.0)
+    return rank1_nmf(Xc, jnp.where(inside, a0, 0.0), n_iter, nonneg_c=False)
+
+
+def score_kernels(sigma: float, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-D taps of the seed-score filter: a Gaussian g (sd sigma, half-width `half`) and a flat box of g's mean.
+
+    Filtering with g (x) g minus box (x) box is the 2-D Gaussian minus its own mean over the (2 half + 1)^2 square:
+    a zero-sum, centre-surround filter that keeps neuron-sized blobs and removes smooth background and neuropil.
+    """
+    g = gaussian_kernel1d(sigma, truncate=half / sigma)
+    return g, np.full_like(g, g.mean())
+
+
+def score_filter(frames: jax.Array, g: jax.Array, box: jax.Array) -> jax.Array:
+    """The seed-score filter (see `score_kernels`) applied to every frame of a (..., H, W) stack."""
+    return gaussian_blur(frames, g) - gaussian_blur(frames, box)
+
+
+@partial(jax.jit, static_argnames=("h", "hb", "pad", "n_iter", "n_smooth", "n_slow"), donate_argnums=(0, 1, 2, 3))
+def _greedy_round(
+    Rp, Bp, Ep, Pp, centres, valid, a0, ring, inside, g, box, snp, snr_stop, *, h, hb, pad, n_iter, n_smooth, n_slow
+):
     """One batched greedy round on the padded working movies (all windows the same size: one compiled shape).
 
-    Rp, Bp: (T, H+2pad, W+2pad) residual and blurred residual; Ep, Pp: (H+2pad, W+2pad) energy and peak of Bp;
-    centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool; a0 (w*w,) start footprint.
-    Returns updated (Rp, Bp, Ep, Pp) and the fitted (a (n, w, w), c (n, T)).
+    Rp, Bp: (T, H+2pad, W+2pad) residual and filtered residual; Ep, Pp: (H+2pad, W+2pad) energy and peak of Bp
+    (see `_peak_above_slow`);
+    centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool; a0 (w*w,) start footprint;
+    ring (w*w,) bool window border; inside (H+2pad, W+2pad) bool image pixels; g, box the score filter's taps;
+    snp (H+2pad, W+2pad) noise of B; snr_stop the eligibility level.
+    A fit that lowers its seed's peak-to-noise by less than snr_stop / 2 is dropped (it fitted something else).
+    Returns updated (Rp, Bp, Ep, Pp), the fitted (a (n, w, w), c (n, T)) with a c' subtracted (zero where dropped),
+    each trace's baseline q (n,) (its 20th percentile), and the kept flags (n,).
     """
     T = Rp.shape[0]
     w, wb = 2 * h + 1, 2 * hb + 1
@@ -160,13 +216,25 @@ def _greedy_round(Rp, Bp, Ep, Pp, centres, valid, a0, kernel, *, h, hb, pad, n_i
     def window(rc):
         return lax.dynamic_slice(Rp, (0, rc[0] + off_r, rc[1] + off_r), (T, w, w)).reshape(T, w * w)
 
+    def window_inside(rc):
+        return lax.dynamic_slice(inside, (rc[0] + off_r, rc[1] + off_r), (w, w)).reshape(w * w)
+
     X = jax.vmap(window)(centres)
-    a, c = jax.vmap(rank1_nmf, in_axes=(0, None, None))(X, a0, n_iter)
+    ins = jax.vmap(window_inside)(centres)
+    a, c = jax.vmap(window_rank1, in_axes=(0, None, 0, None, None))(X, ring, ins, a0, n_iter)
+    # filtered footprint, in the larger window that the filter can reach
+    a_big = jnp.pad(a.reshape(-1, w, w), ((0, 0), (hb - h, hb - h), (hb - h, hb - h)))
+    ab = score_filter(a_big, g, box)
+    # progress check: the fit must lower the seed's peak-to-noise by at least snr_stop / 2 (half of what made it a
+    # seed at the least), else the window's main structure is something else
+    seed_trace = jax.vmap(lambda rc: lax.dynamic_slice(Bp, (0, rc[0] + pad, rc[1] + pad), (T, 1, 1)))(centres)
+    before = jax.vmap(lambda x: _peak_above_slow(x, n_smooth, n_slow))(seed_trace[:, :, 0, 0])
+    after = jax.vmap(lambda x: _peak_above_slow(x, n_smooth, n_slow))(seed_trace[:, :, 0, 0] - ab[:, hb, hb][:, None] * c)
+    scale = jnp.sqrt(float(n_smooth)) / jax.vmap(lambda rc: snp[rc[0] + pad, rc[1] + pad])(centres)
+    valid = valid & ((before - after) * scale >= 0.5 * snr_stop)
     a = jnp.where(valid[:, None], a, 0.0).reshape(-1, w, w)
     c = jnp.where(valid[:, None], c, 0.0)
-    # blurred footprint, in the larger window that the blur can reach
-    a_big = jnp.pad(a, ((0, 0), (hb - h, hb - h), (hb - h, hb - h)))
-    ab = gaussian_blur(a_big, kernel)
+    ab = jnp.where(valid[:, None, None], ab, 0.0)
 
     def subtract(k, state):
         Rp, Bp = state
@@ -184,11 +252,42 @@ def _greedy_round(Rp, Bp, Ep, Pp, centres, valid, a0, kernel, *, h, hb, pad, n_i
         r0, r1 = centres[k, 0] + off_b, centres[k, 1] + off_b
         cur = lax.dynamic_slice(Bp, (0, r0, r1), (T, wb, wb))
         Ep = lax.dynamic_update_slice(Ep, jnp.sum(cur * cur, axis=0), (r0, r1))
-        Pp = lax.dynamic_update_slice(Pp, jnp.max(cur, axis=0), (r0, r1))
+        Pp = lax.dynamic_update_slice(Pp, _peak_above_slow(cur, n_smooth, n_slow), (r0, r1))
         return Ep, Pp
 
     Ep, Pp = lax.fori_loop(0, centres.shape[0], rescore, (Ep, Pp))
-    return Rp, Bp, Ep, Pp, a, c
+    q = jnp.quantile(c, 0.2, axis=1)
+    return Rp, Bp, Ep, Pp, a, c, q, valid
+
+
+@partial(jax.jit, static_argnames=("pad", "n_smooth", "n_slow"))
+def _prepare(Y, g, box, *, pad, n_smooth, n_slow):
+    """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps."""
+    median = jnp.median(Y, axis=0)
+    R = Y - median
+    B = score_filter(R, g, box)
+    sn_b = jnp.maximum(_mad_noise_of_differences(B, axis=0), jnp.finfo(Y.dtype).tiny)
+    padw = ((0, 0), (pad, pad), (pad, pad))
+    Ep = jnp.pad(jnp.sum(B * B, axis=0), pad)
+    Pp = jnp.pad(_peak_above_slow(B, n_smooth, n_slow), pad)
+    return median, jnp.pad(R, padw), jnp.pad(B, padw), sn_b, Ep, Pp
+
+
+def _peak_above_slow(x: jax.Array, n: int, half: int) -> jax.Array:
+    """Peak of a transient in x (T, ...): max over t of the mean of n consecutive frames of x minus its slow part.
+
+    The slow part is the running mean over 2 half + 1 frames (truncated at the ends), so slow background and
+    neuropil drifts, which the spatial filter does not remove, do not count as peaks.
+    """
+    T = x.shape[0]
+    cs = jnp.concatenate([jnp.zeros_like(x[:1]), jnp.cumsum(x, axis=0)], axis=0)
+    t = jnp.arange(T)
+    lo, hi = jnp.maximum(t - half, 0), jnp.minimum(t + half + 1, T)
+    shape = (T,) + (1,) * (x.ndim - 1)
+    slow = (cs[hi] - cs[lo]) / (hi - lo).reshape(shape).astype(x.dtype)
+    xh = x - slow
+    cs = jnp.concatenate([jnp.zeros_like(xh[:1]), jnp.cumsum(xh, axis=0)], axis=0)
+    return jnp.max(cs[n:] - cs[:-n], axis=0) / n
 
 
 def _pick_centres(score: np.ndarray, eligible: np.ndarray, n: int, sep: int) -> list[tuple[int, int]]:
@@ -228,8 +327,9 @@ def default_snr_stop(T: int, H: int, W: int, sigma: float, false_alarms: float =
 
 
 def _centres_of_mass(A: jax.Array, H: int, W: int) -> np.ndarray:
-    """(K, 2) float32 (row, col) centre of mass of each column of A (d, K), weights a_k."""
+    """(K, 2) float32 (row, col) centre of mass of each column of A (d, K), weighted by a_k above 30% of its max."""
     wgt = np.asarray(A, np.float64)
+    wgt = np.where(wgt >= 0.3 * wgt.max(axis=0, initial=0.0)[None, :], wgt, 0.0)
     rows, cols = np.divmod(np.arange(H * W), W)
     tot = np.maximum(wgt.sum(0), 1e-300)
     return (np.stack([rows @ wgt, cols @ wgt], axis=1) / tot[:, None]).astype(np.float32).reshape(-1, 2)
@@ -270,6 +370,15 @@ def background_hals(M: jax.Array, b: jax.Array, f: jax.Array, n_iter: int = 5) -
     return b, f
 
 
+@partial(jax.jit, static_argnames=("pad", "n_iter"))
+def _greedy_background(Rp, static, b0, f0, *, pad, n_iter):
+    """Background HALS on the greedy residual: M = interior of Rp + a static image (d, T), without another copy."""
+    T = Rp.shape[0]
+    H, W = static.shape
+    M = (Rp[:, pad : pad + H, pad : pad + W] + static).reshape(T, H * W).T
+    return background_hals(M, b0, f0, n_iter=n_iter)
+
+
 def _background_start(median: jax.Array, T: int, nb: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """b starts at the clipped median image (first column) plus small random maps; f starts flat (plus jitter)."""
     d = median.size
@@ -296,6 +405,8 @@ def greedy_init(
     fps: float | None = None,
     max_iter_rank1: int = 10,
     snr_stop: float | None = None,
+    n_smooth: int | None = None,
+    n_slow: int | None = None,
     batch: int = 16,
     window: int | None = None,
     sigma: float | None = None,
@@ -307,16 +418,22 @@ def greedy_init(
 
     Algorithm (MATH.md, "Greedy initialisation"):
 
-    1. R = Y minus each pixel's temporal median; B = R with every frame blurred by a Gaussian of sd `sigma`.
-    2. Per pixel: energy E = sum_t B^2, peak P = max_t B, noise s = robust sd of B's first differences / sqrt 2.
-       A pixel is *eligible* when its peak-to-noise P / s >= `snr_stop` (it holds a transient that noise alone would
-       not produce).
+    1. R = Y minus each pixel's temporal median; B = R with every frame filtered by a Gaussian of sd `sigma` minus
+       its mean over a (2 window + 1)^2 square (`score_kernels`: a centre-surround filter, so smooth background and
+       neuropil fluctuations do not look like neurons).
+    2. Per pixel: energy E = sum_t B^2, noise s = robust sd of B's first differences / sqrt 2, and peak-to-noise
+       psnr = max_t (mean over `n_smooth` consecutive frames of B minus its running mean over 2 `n_slow` + 1
+       frames) sqrt(n_smooth) / s (a transient lasts several frames, noise averaged over n frames has sd
+       s / sqrt(n), and slow drifts are not transients). A pixel is *eligible* when psnr >= `snr_stop` (it
+       holds a transient that noise alone would not produce).
     3. Each round: take up to `batch` eligible pixels, greedily by energy, whose (2 window + 1)^2 windows do not overlap;
-       in each window fit R ~ c a' (rank-1 non-negative, `max_iter_rank1` alternating projected least-squares steps,
-       started from a Gaussian blob), subtract a c' from R and blur(a) c' from B, and re-score the touched pixels.
+       in each window remove the local background (per frame, the median over the window's border) and fit
+       c a' (rank-1 non-negative, `max_iter_rank1` alternating projected least-squares steps, started from a Gaussian
+       blob); subtract a c' from R and filter(a) c' from B, and re-score the touched pixels.
        All windows of a round are fitted at once (vmap); every round uses one compiled shape (the movies are padded).
     4. Stop when no pixel is eligible any more, when K components were found, or after `max_rounds` rounds.
-       A seed whose fit comes out empty is not kept and its window is excluded from later rounds.
+       A seed whose fit comes out empty, or lowers the seed's own psnr by less than `snr_stop` / 2 (the window's
+       main structure is something else), is dropped and no seed is taken within radius / 2 of it again.
     5. Background: b, f = rank-`nb` HALS factorisation of Y - A C (started from the median image and a flat trace).
 
     **Arguments:**
@@ -325,13 +442,17 @@ def greedy_init(
     - `radius`: neuron radius in pixels (> 0).
     - `K`: optional upper bound on the number of components (None: stop by the noise rule only).
     - `nb`: background rank (>= 1).
-    - `fps`: frame rate; not needed by this stage (accepted so that every init has the same call).
+    - `fps`: frame rate in Hz, if known; sets the defaults of `n_smooth` and `n_slow`.
     - `max_iter_rank1`: alternations of the rank-1 window fit.
-    - `snr_stop`: eligibility level of the blurred peak-to-noise; None -> `default_snr_stop` (the level pure noise
-      exceeds about once in 100 movies of this size).
+    - `snr_stop`: eligibility level of the peak-to-noise; None -> `default_snr_stop(T // n_smooth, H, W, sigma)`
+      (the level pure noise exceeds about once in 100 movies of this size) plus 1, a margin for background and
+      neuropil that are not white noise.
+    - `n_smooth`: frames averaged for the peak (None: 3, or 0.1 s of frames when `fps` is given, at least 3).
+    - `n_slow`: half-width in frames of the running mean removed before the peak (None: 60, or 2 s of frames when
+      `fps` is given, at least 30).
     - `batch`: most components found per round (they are fitted together).
-    - `window`: half-width of the fitting window in pixels; None -> ceil(2 radius).
-    - `sigma`: sd of the Gaussian blur in pixels; None -> radius / 2.
+    - `window`: half-width of the fitting window (and of the score filter's square) in pixels; None -> ceil(2.5 radius).
+    - `sigma`: sd of the Gaussian of the score filter in pixels; None -> radius / 2.
     - `n_iter_background`: HALS sweeps of the final background fit.
     - `max_rounds`: most rounds; None -> enough for a field packed with neurons (H W / radius^2 / batch, at least 4).
     - `key`: PRNG key for the starting maps of background components 2..nb (default PRNGKey(0)); the result is
@@ -350,46 +471,52 @@ def greedy_init(
     if batch < 1 or max_iter_rank1 < 1:
         raise ParameterError(f"batch={batch!r}, max_iter_rank1={max_iter_rank1!r}: both must be >= 1.")
     sigma = float(sigma) if sigma is not None else r / 2.0
-    h = int(window) if window is not None else int(math.ceil(2.0 * r))
+    h = int(window) if window is not None else int(math.ceil(2.5 * r))
     if sigma <= 0 or h < 1:
         raise ParameterError(f"sigma={sigma!r}, window={window!r}: both must be positive.")
+    if n_smooth is None:
+        n_smooth = 3 if fps is None else max(3, int(round(0.1 * float(fps))))
+    n_smooth = int(n_smooth)
+    if not 1 <= n_smooth <= T:
+        raise ParameterError(f"n_smooth={n_smooth!r}: must be between 1 and the number of frames ({T}).")
+    if n_slow is None:
+        n_slow = 60 if fps is None else max(30, int(round(2.0 * float(fps))))
+    n_slow = int(n_slow)
+    if n_slow < 1:
+        raise ParameterError(f"n_slow={n_slow!r}: the half-width of the slow running mean must be >= 1 frame.")
     if snr_stop is None:
-        snr_stop = default_snr_stop(T, H, W, sigma)
+        snr_stop = default_snr_stop(T // n_smooth, H, W, sigma) + 1.0
     if max_rounds is None:
         max_rounds = max(4, int(math.ceil(H * W / (r * r) / batch)))
     key = jax.random.PRNGKey(0) if key is None else key
     dtype = Y.dtype
 
-    kernel_np = gaussian_kernel1d(sigma)
-    kernel = jnp.asarray(kernel_np, dtype)
-    hb = h + kernel_np.size // 2
+    g_np, box_np = score_kernels(sigma, h)
+    g, box = jnp.asarray(g_np, dtype), jnp.asarray(box_np, dtype)
+    hb = h + g_np.size // 2
     pad = hb
 
-    median = jnp.median(Y, axis=0)
-    R = Y - median
-    B = gaussian_blur(R, kernel)
-    sn_b = np.asarray(jnp.maximum(_mad_noise_of_differences(B, axis=0), jnp.finfo(dtype).tiny))
-    E = np.asarray(jnp.sum(B * B, axis=0))
-    P = np.asarray(jnp.max(B, axis=0))
-    padw = ((0, 0), (pad, pad), (pad, pad))
-    Rp = jnp.pad(R, padw)
-    Bp = jnp.pad(B, padw)
-    del R, B
-    Ep = jnp.pad(jnp.asarray(E), pad)
-    Pp = jnp.pad(jnp.asarray(P), pad)
+    median, Rp, Bp, sn_b, Ep, Pp = _prepare(Y, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow)
+    sn_b = np.asarray(sn_b)
+    E = np.asarray(Ep[pad : pad + H, pad : pad + W])
+    P = np.asarray(Pp[pad : pad + H, pad : pad + W])
 
     w = 2 * h + 1
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     a0 = jnp.asarray(np.exp(-0.5 * (yy**2 + xx**2) / (max(r, 1.0) / 1.5) ** 2).ravel(), dtype)
+    ring = jnp.asarray((np.maximum(np.abs(yy), np.abs(xx)) == h).ravel())
+    inside = jnp.pad(jnp.ones((H, W), bool), pad)
+    snp = jnp.pad(jnp.asarray(sn_b), pad, constant_values=1.0)
 
     excluded = np.zeros((H, W), bool)
+    e = max(1, int(round(r / 2)))  # half-width of the square kept free of seeds around a dropped one
     K_max = np.inf if K is None else int(K)
-    found_a, found_c, found_rc, found_psnr = [], [], [], []
+    found_a, found_c, found_rc, found_psnr, found_q = [], [], [], [], []
     for _ in range(max_rounds):
         n_left = K_max - len(found_rc)
         if n_left <= 0:
             break
-        psnr = P / sn_b
+        psnr = P * math.sqrt(n_smooth) / sn_b
         eligible = (psnr >= snr_stop) & ~excluded
         chosen = _pick_centres(E, eligible, int(min(batch, n_left)), 2 * h)
         if not chosen:
@@ -398,30 +525,34 @@ def greedy_init(
         centres = np.zeros((batch, 2), np.int32)
         centres[:n] = chosen
         valid = np.arange(batch) < n
-        Rp, Bp, Ep, Pp, a, c = _greedy_round(
-            Rp, Bp, Ep, Pp, jnp.asarray(centres), jnp.asarray(valid), a0, kernel, h=h, hb=hb, pad=pad,
-            n_iter=int(max_iter_rank1),
+        Rp, Bp, Ep, Pp, a, c, q, kept = _greedy_round(
+            Rp, Bp, Ep, Pp, jnp.asarray(centres), jnp.asarray(valid), a0, ring, inside, g, box, snp,
+            jnp.asarray(snr_stop, dtype), h=h, hb=hb, pad=pad,
+            n_iter=int(max_iter_rank1), n_smooth=n_smooth, n_slow=n_slow,
         )
         E = np.asarray(Ep[pad : pad + H, pad : pad + W])
         P = np.asarray(Pp[pad : pad + H, pad : pad + W])
+        c = jnp.maximum(c - q[:, None], 0.0)  # the trace above its baseline; a q goes to the background
         energy = np.asarray(jnp.sum(c * c, axis=1))
+        kept = np.asarray(kept)
         for k, (r0, c0) in enumerate(chosen):
-            if not energy[k] > 0:
-                excluded[max(0, r0 - h) : r0 + h + 1, max(0, c0 - h) : c0 + h + 1] = True
+            if not (kept[k] and energy[k] > 0):  # no seed here again
+                excluded[max(0, r0 - e) : r0 + e + 1, max(0, c0 - e) : c0 + e + 1] = True
                 continue
             found_a.append(a[k])
             found_c.append(c[k])
             found_rc.append((r0, c0))
             found_psnr.append(psnr[r0, c0])
+            found_q.append(q[k])
 
     Kf = len(found_rc)
     d = H * W
     if Kf:
-        windows = jnp.stack(found_a)  # (K, w, w)
-        Ak = jnp.zeros((Kf, H + 2 * pad, W + 2 * pad), dtype)
+        windows = np.asarray(jnp.stack(found_a))  # (K, w, w)
+        Ak = np.zeros((Kf, H + 2 * h, W + 2 * h), windows.dtype)
         for k, (r0, c0) in enumerate(found_rc):
-            Ak = Ak.at[k, r0 + pad - h : r0 + pad + h + 1, c0 + pad - h : c0 + pad + h + 1].set(windows[k])
-        A = Ak[:, pad : pad + H, pad : pad + W].reshape(Kf, d).T
+            Ak[k, r0 : r0 + w, c0 : c0 + w] = windows[k]
+        A = jnp.asarray(Ak[:, h : h + H, h : h + W].reshape(Kf, d).T)
         C = jnp.stack(found_c)
         centers = _centres_of_mass(A, H, W)
     else:
@@ -429,10 +560,11 @@ def greedy_init(
         C = jnp.zeros((0, T), dtype)
         centers = np.zeros((0, 2), np.float32)
 
-    # Y - A C = (R - A C) + median, and the interior of Rp is exactly R - A C
-    M = (Rp[:, pad : pad + H, pad : pad + W] + median).reshape(T, d).T
+    # Rp's interior is R - sum_k a_k (c_k + q_k)' and C holds max(c_k, 0), so Y - A C = Rp + median + A q up to the
+    # clipped parts of C (small): the baselines a_k q_k are static images that the background absorbs
+    static = median + (A @ jnp.asarray(np.asarray(found_q, np.float32), dtype)).reshape(H, W) if Kf else median
     b0, f0 = _background_start(median, T, int(nb), key)
-    b, f = background_hals(M, b0, f0, n_iter=int(n_iter_background))
+    b, f = _greedy_background(Rp, static, b0, f0, pad=pad, n_iter=int(n_iter_background))
     return InitResult(
         A=A,
         C=C,

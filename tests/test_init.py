@@ -1,0 +1,160 @@
+"""Tests of the initialisations: greedy seeds on simulated movies, rank-1 window fits and background against exact
+references, the self-stopping rule on pure noise, one compiled shape, sparse NMF on elongated processes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from jaxcnmf.errors import MovieError, ParameterError
+from jaxcnmf.init import (
+    _greedy_round,
+    background_hals,
+    gaussian_blur,
+    gaussian_kernel1d,
+    greedy_init,
+    rank1_nmf,
+    score_filter,
+    score_kernels,
+    sparse_nmf_init,
+)
+
+
+def _distances(est: np.ndarray, true: np.ndarray) -> np.ndarray:
+    return np.hypot(est[:, None, 0] - true[None, :, 0], est[:, None, 1] - true[None, :, 1])
+
+
+@pytest.fixture(scope="module")
+def small_sim():
+    sim = pytest.importorskip("jaxcnmf.sim")
+    movie, truth = sim.simulate(seed=3, shape=(64, 64), n_frames=400, n_neurons=10, peak_snr=5.0, overlap=0.0)
+    return movie, truth, sim.peak_snr(truth)
+
+
+def test_greedy_finds_every_active_neuron_and_stops_by_itself(small_sim):
+    movie, truth, snr = small_sim
+    res = greedy_init(movie, 4.0)  # K not given: the noise rule stops it
+    K = res.A.shape[1]
+    assert res.A.shape == (64 * 64, K) and res.C.shape == (K, 400)
+    assert res.b.shape == (64 * 64, 1) and res.f.shape == (1, 400)
+    D = _distances(np.asarray(res.centers), truth.centers)
+    findable = snr >= 2.0  # silent or very dim cells cannot be seen in 400 frames
+    assert findable.sum() >= 8
+    assert np.all(D[:, findable].min(axis=0) <= 2.0), D.min(axis=0)
+    spurious = int(np.sum(D.min(axis=1) > 3.0))
+    assert spurious <= 2, (spurious, D.min(axis=1))
+    # found traces follow the true ones
+    for k in np.flatnonzero(findable):
+        j = int(np.argmin(D[:, k]))
+        assert np.corrcoef(np.asarray(res.C[j]), truth.C[k])[0, 1] > 0.8
+    # unit-norm non-negative footprints, non-negative traces, background near the median image
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(res.A), axis=0), 1.0, rtol=1e-4)
+    assert float(res.A.min()) >= 0 and float(res.C.min()) >= 0 and float(res.b.min()) >= 0
+    np.testing.assert_allclose(float(jnp.mean(res.f)), 1.0, rtol=1e-4)
+
+
+def test_greedy_respects_K_and_compiles_once(small_sim):
+    movie, _, _ = small_sim
+    before = _greedy_round._cache_size()
+    res = greedy_init(movie, 4.0, K=3, batch=2)  # two rounds: 2 + 1 components
+    assert res.A.shape[1] == 3
+    res2 = greedy_init(movie[::-1].copy(), 4.0, K=5, batch=2)  # three more rounds, same shapes
+    assert res2.A.shape[1] == 5
+    assert _greedy_round._cache_size() - before <= 1
+
+
+def test_greedy_on_pure_noise_finds_almost_nothing():
+    rng = np.random.default_rng(0)
+    movie = (100.0 + rng.standard_normal((300, 48, 48))).astype(np.float32)
+    res = greedy_init(movie, 4.0)
+    assert res.A.shape[1] <= 1
+
+
+def test_greedy_rejects_bad_input():
+    movie = np.zeros((50, 20, 20), np.float32)
+    with pytest.raises(ParameterError, match="radius"):
+        greedy_init(movie, 0.0)
+    with pytest.raises(ParameterError, match="radius"):
+        greedy_init(movie, 15.0)
+    with pytest.raises(MovieError, match="shape"):
+        greedy_init(movie[0], 3.0)
+    bad = movie.copy()
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(MovieError, match="NaN"):
+        greedy_init(bad, 3.0)
+    assert greedy_init(movie, 3.0).A.shape == (400, 0)  # all-zero movie: nothing to find, no crash
+
+
+def test_rank1_nmf_matches_leading_singular_pair():
+    # for a non-negative matrix the best rank-1 approximation (Perron-Frobenius: non-negative singular vectors) is
+    # also the best non-negative rank-1 factorisation, so the alternating fit must reach the SVD's leading pair
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        X = rng.random((40, 25)) + np.outer(rng.random(40), rng.random(25)) * 3
+        a, c = rank1_nmf(jnp.asarray(X), jnp.ones(25), 200)
+        U, s, Vt = np.linalg.svd(X)
+        ref = s[0] * np.outer(U[:, 0], Vt[0])
+        np.testing.assert_allclose(np.outer(np.asarray(c), np.asarray(a)), ref, rtol=1e-8, atol=1e-10)
+
+
+def test_score_filter_matches_direct_correlation_and_kills_flat_background():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 30, 31))
+    g, box = score_kernels(1.5, 5)
+    with jax.enable_x64(True):
+        out = np.asarray(score_filter(jnp.asarray(x), jnp.asarray(g), jnp.asarray(box)))
+    k2 = np.outer(g, g) - np.outer(box, box)
+    ref = np.stack([ndimage.correlate(frame, k2, mode="constant") for frame in x])
+    np.testing.assert_allclose(out, ref, atol=1e-12)
+    flat = np.asarray(score_filter(jnp.full((1, 30, 30), 7.0), jnp.asarray(g), jnp.asarray(box)))
+    np.testing.assert_allclose(flat[0, 5:-5, 5:-5], 0.0, atol=1e-4)
+    blur = np.asarray(gaussian_blur(jnp.ones((12, 12)), jnp.asarray(gaussian_kernel1d(1.0))))
+    np.testing.assert_allclose(blur[4:-4, 4:-4], 1.0, atol=1e-6)
+
+
+def test_background_hals_recovers_exact_rank1():
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        b = rng.random((50, 1)) + 0.5
+        f = rng.random((1, 80)) + 0.5
+        M = jnp.asarray(b @ f)
+        b1, f1 = background_hals(M, jnp.ones((50, 1)), jnp.ones((1, 80)), n_iter=50)
+        np.testing.assert_allclose(np.asarray(b1 @ f1), b @ f, rtol=1e-8)
+        np.testing.assert_allclose(np.asarray(f1).mean(), 1.0, rtol=1e-12)
+
+
+def _processes(H=40, W=40, T=600, seed=0):
+    """Three thin, elongated, partly overlapping processes with sparse independent activity, noise, flat background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:H, :W]
+    A = np.zeros((3, H, W))
+    A[0] = np.exp(-0.5 * ((yy - 12) / 0.8) ** 2) * (xx > 3) * (xx < 36)  # horizontal
+    A[1] = np.exp(-0.5 * ((xx - 20) / 0.8) ** 2) * (yy > 3) * (yy < 36)  # vertical, crosses 0
+    A[2] = np.exp(-0.5 * (((yy - xx) - 5) / 1.1) ** 2) * (xx > 8) * (xx < 34)  # diagonal, crosses both
+    A[A < 0.05] = 0
+    S = (rng.random((3, T)) < 0.03) * (1 + rng.random((3, T)))
+    C = np.zeros((3, T))
+    for t in range(1, T):
+        C[:, t] = 0.9 * C[:, t - 1] + S[:, t]
+    C *= 4.0
+    Y = np.einsum("khw,kt->thw", A, C) + 20.0 + 0.5 * rng.standard_normal((T, H, W))
+    return Y.astype(np.float32), A, C
+
+
+def test_sparse_nmf_init_separates_crossing_processes():
+    Y, A_true, C_true = _processes()
+    res = sparse_nmf_init(Y, 3, sparsity=0.05, n_iter=150)
+    assert res.A.shape == (40 * 40, 3)
+    A_est = np.asarray(res.A).T
+    corr = np.corrcoef(np.vstack([A_est, A_true.reshape(3, -1)]))[:3, 3:]
+    # every true process is matched by its own component
+    best = corr.argmax(axis=0)
+    assert len(set(best.tolist())) == 3, corr
+    assert np.all(corr.max(axis=0) > 0.8), corr
+    ccorr = [np.corrcoef(np.asarray(res.C[best[k]]), C_true[k])[0, 1] for k in range(3)]
+    assert min(ccorr) > 0.9, ccorr
+    energy = np.linalg.norm(np.asarray(res.C), axis=1)  # columns of A have unit norm
+    assert np.all(np.diff(energy) <= 1e-3 * energy[0])  # ordered by energy
