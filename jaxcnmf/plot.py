@@ -237,6 +237,8 @@ def plot_contours(
         raise ParameterError(f"level={level!r}: expected a fraction of the footprint maximum in (0, 1)")
     img, name = _background_image(result, background, movie)
     plt = pyplot()
+    from matplotlib import patheffects
+
     if ax is None:
         H, W = img.shape
         fig, ax = plt.subplots(figsize=(7, 7 * H / W + 0.6))
@@ -260,7 +262,8 @@ def plot_contours(
         n_drawn += 1
         if numbers:
             cy, cx = centers[k] if centers is not None else np.unravel_index(np.argmax(a), a.shape)
-            ax.text(cx, cy, str(k), color=colors[k], fontsize=8, ha="center", va="center", fontweight="bold")
+            ax.text(cx, cy, str(k), color=colors[k], fontsize=8, ha="center", va="center", fontweight="bold",
+                    path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
     ax.set_xticks([])
     ax.set_yticks([])
     legend = "solid: accepted, dashed: rejected" + (", white dotted: truth" if truth_A is not None else "")
