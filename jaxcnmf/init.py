@@ -113,6 +113,7 @@ def _taps_along(x: jax.Array, kernel: jax.Array, axis: int) -> jax.Array:
     return out
 
 
+@jax.jit
 def gaussian_blur(frames: jax.Array, kernel: jax.Array) -> jax.Array:
     """Separable filter of every frame of a (..., H, W) stack with the 1-D `kernel` on both axes (zero padding).
 
@@ -189,6 +190,7 @@ def score_kernels(sigma: float, half: int) -> tuple[np.ndarray, np.ndarray]:
     return g, np.full_like(g, g.mean())
 
 
+@jax.jit
 def score_filter(frames: jax.Array, g: jax.Array, box: jax.Array) -> jax.Array:
     """The seed-score filter (see `score_kernels`) applied to every frame of a (..., H, W) stack."""
     return gaussian_blur(frames, g) - gaussian_blur(frames, box)

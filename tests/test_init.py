@@ -59,9 +59,9 @@ def test_greedy_finds_every_active_neuron_and_stops_by_itself(small_sim):
 def test_greedy_respects_K_and_compiles_once(small_sim):
     movie, _, _ = small_sim
     before = _greedy_round._cache_size()
-    res = greedy_init(movie, 4.0, K=3, batch=2)  # two rounds: 2 + 1 components
-    assert res.A.shape[1] == 3
-    res2 = greedy_init(movie[::-1].copy(), 4.0, K=5, batch=2)  # three more rounds, same shapes
+    res = greedy_init(movie, 4.0, K=7, batch=3)  # three rounds: 3 + 3 + 1 components
+    assert res.A.shape[1] == 7
+    res2 = greedy_init(movie[::-1].copy(), 4.0, K=5, batch=3)  # two more rounds, same shapes
     assert res2.A.shape[1] == 5
     assert _greedy_round._cache_size() - before <= 1
 
@@ -74,18 +74,18 @@ def test_greedy_on_pure_noise_finds_almost_nothing():
 
 
 def test_greedy_rejects_bad_input():
-    movie = np.zeros((50, 20, 20), np.float32)
+    movie = np.zeros((300, 48, 48), np.float32)  # the pure-noise test's shape: compiled already
     with pytest.raises(ParameterError, match="radius"):
         greedy_init(movie, 0.0)
     with pytest.raises(ParameterError, match="radius"):
-        greedy_init(movie, 15.0)
+        greedy_init(movie, 30.0)
     with pytest.raises(MovieError, match="shape"):
         greedy_init(movie[0], 3.0)
     bad = movie.copy()
     bad[3, 4, 5] = np.nan
     with pytest.raises(MovieError, match="NaN"):
         greedy_init(bad, 3.0)
-    assert greedy_init(movie, 3.0).A.shape == (400, 0)  # all-zero movie: nothing to find, no crash
+    assert greedy_init(movie, 4.0).A.shape == (48 * 48, 0)  # all-zero movie: nothing to find, no crash
 
 
 def test_rank1_nmf_matches_leading_singular_pair():

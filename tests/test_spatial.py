@@ -1,0 +1,179 @@
+"""Tests of the spatial update: each pixel's noise-constrained problem against scipy (float64), HALS against NNLS,
+support inside the search areas, gradients against finite differences, search areas and footprint clean-up."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import minimize, nnls
+
+from jaxcnmf.errors import ParameterError
+from jaxcnmf.spatial import _solve_all, cleanup_footprints, search_areas, update_spatial
+
+H, W, T, K = 6, 6, 60, 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Three overlapping blobs on a 6x6 field, 60 frames, background with a fluctuating trace, noise sd 0.5."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:H, :W]
+    A = np.stack([np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 2.0).ravel() for r, c in [(1, 1), (2, 3), (4, 4)]], 1)
+    A[A < 0.1] = 0
+    C = np.maximum(rng.standard_normal((K, T)), 0) * 3
+    b = np.full((H * W, 1), 5.0)
+    f = 1.0 + 0.1 * rng.random((1, T))
+    sn = np.full(H * W, 0.5)
+    Y = A @ C + b @ f + sn[:, None] * rng.standard_normal((H * W, T))
+    return Y, A, C, b, f, sn
+
+
+def _reference_pixel(y, Fc, f, budget):
+    """Exact per-pixel solution: NNLS if it misses the budget, else min sum(a) s.t. residual <= budget (SLSQP)."""
+    F = np.vstack([Fc, f])
+    n = Fc.shape[0]
+    x_ls, _ = nnls(F.T, y)
+
+    def res(x):
+        return np.sum((y - x @ F) ** 2)
+
+    if res(x_ls) >= budget:
+        return x_ls
+    w = np.r_[np.ones(n), np.zeros(f.shape[0])]
+    cons = {"type": "ineq", "fun": lambda x: budget - res(x), "jac": lambda x: 2 * (y - x @ F) @ F.T}
+    out = minimize(lambda x: w @ x, x_ls, jac=lambda x: w, bounds=[(0, None)] * F.shape[0], constraints=[cons],
+                   method="SLSQP", options=dict(ftol=1e-12, maxiter=500))
+    return out.x
+
+
+def test_constrained_update_matches_exact_solver(tiny):
+    Y, A, C, b, f, sn = tiny
+    search = A > 0
+    with jax.enable_x64(True):
+        A1, b1 = update_spatial(Y, 0.5 * A, C, b, f, sn, search=search, n_iter=50, n_lambda=60)
+    A1, b1 = np.asarray(A1), np.asarray(b1)
+    n_binding = 0
+    for i in range(H * W):
+        s = np.flatnonzero(search[i])
+        ref = _reference_pixel(Y[i], C[s], f, sn[i] ** 2 * T)
+        obj_ref, obj = ref[: len(s)].sum(), A1[i, s].sum()
+        assert abs(obj - obj_ref) <= 1e-3 * max(1.0, obj_ref), (i, obj, obj_ref)
+        resid = np.sum((Y[i] - A1[i, s] @ C[s] - b1[i] @ f) ** 2)
+        resid_ls = np.sum((Y[i] - ref @ np.vstack([C[s], f])) ** 2)
+        assert resid <= max(sn[i] ** 2 * T, resid_ls) * (1 + 1e-6)
+        n_binding += resid_ls < sn[i] ** 2 * T * (1 - 1e-6) or np.isclose(resid_ls, sn[i] ** 2 * T)
+    assert n_binding >= 5  # the noise constraint binds on a fair share of the pixels (the test checks that case)
+    assert np.all(A1[~search] == 0) and A1.min() >= 0 and b1.min() >= 0
+
+
+def test_hals_matches_nnls(tiny):
+    Y, A, C, b, f, sn = tiny
+    search = A > 0
+    with jax.enable_x64(True):
+        A1, b1 = update_spatial(Y, A, C, b, f, sn, search=search, method="hals", n_iter=300)
+    for i in range(H * W):
+        s = np.flatnonzero(search[i])
+        x, _ = nnls(np.vstack([C[s], f]).T, Y[i])
+        np.testing.assert_allclose(np.r_[np.asarray(A1)[i, s], np.asarray(b1)[i]], x, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_matches_finite_differences(tiny):
+    Y, A, C, b, f, sn = tiny
+    search = A > 0
+    rng = np.random.default_rng(5)
+    Wa, Wb = rng.standard_normal((H * W, K)), rng.standard_normal((H * W, 1))
+    with jax.enable_x64(True):
+
+        def loss(Yr):
+            A1, b1 = update_spatial(Yr, 0.5 * A, C, b, f, sn, search=search, n_iter=50, n_lambda=60)
+            return jnp.sum(A1 * Wa) + jnp.sum(b1 * Wb)
+
+        grad = np.asarray(jax.grad(loss)(jnp.asarray(Y)))
+        assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+        eps = 1e-6
+        for i, t in [(7, 3), (14, 10), (20, 5), (0, 0), (35, 59), (9, 30), (21, 44)]:
+            E = np.zeros_like(Y)
+            E[i, t] = eps
+            fd = (float(loss(jnp.asarray(Y + E))) - float(loss(jnp.asarray(Y - E)))) / (2 * eps)
+            assert abs(grad[i, t] - fd) <= 1e-5 * max(1.0, abs(fd)), (i, t, grad[i, t], fd)
+
+
+def test_float32_movie_with_large_baseline_keeps_support_in_search_area():
+    rng = np.random.default_rng(2)
+    h = w = 24
+    yy, xx = np.mgrid[:h, :w]
+    centres = [(6, 6), (8, 11), (17, 16)]
+    A = np.stack([np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 4.0).ravel() for r, c in centres], 1)
+    A[A < 0.05] = 0
+    T_ = 300
+    C = np.maximum(rng.standard_normal((3, T_)) - 1, 0) * 50
+    Y = (A @ C + 1000.0 + rng.standard_normal((h * w, T_))).astype(np.float32)
+    b = np.full((h * w, 1), 1000.0, np.float32)
+    f = np.ones((1, T_), np.float32)
+    A0 = np.roll(A.reshape(h, w, 3), 1, axis=0).reshape(h * w, 3)  # a displaced start: the update must move it back
+    area = np.asarray(search_areas(A0, (h, w), 3.0))
+    A1, b1 = update_spatial(Y, A0, C, b, f, np.ones(h * w), radius=3.0, shape=(h, w))
+    A1 = np.asarray(A1)
+    assert A1.dtype == np.float32
+    assert np.all(A1[~area] == 0)
+    for k in range(3):
+        assert np.corrcoef(A1[:, k], A[:, k])[0, 1] > 0.95
+    assert abs(float(np.median(b1)) - 1000.0) < 1.0
+
+
+def test_solve_compiles_once_per_shape(tiny):
+    Y, A, C, b, f, sn = tiny
+    update_spatial(Y, A, C, b, f, sn, radius=1.5, shape=(H, W))
+    n = _solve_all._cache_size()
+    update_spatial(Y * 1.1, A * 0.9, C, b, f, sn, radius=1.5, shape=(H, W))
+    assert _solve_all._cache_size() == n
+
+
+def test_search_areas_disk_and_shape_following():
+    h = w = 21
+    a = np.zeros((h, w))
+    a[10, 10] = 1.0
+    line = np.zeros((h, w))
+    line[10, 2:19] = 1.0
+    A = np.stack([a.ravel(), line.ravel(), np.zeros(h * w)], 1)
+    disk = np.asarray(search_areas(A, (h, w), 3.0)).reshape(h, w, 3)
+    yy, xx = np.mgrid[:h, :w]
+    np.testing.assert_array_equal(disk[..., 0], (yy - 10) ** 2 + (xx - 10) ** 2 <= 9)
+    assert not disk[..., 2].any()  # empty footprint, empty area
+    thin = np.asarray(search_areas(A, (h, w), 3.0, compact=False)).reshape(h, w, 3)[..., 1]
+    assert thin[10, 2:19].all() and thin[8:13, 5].all() and not thin[7, 5] and not thin[13, 5]
+    with pytest.raises(ParameterError):
+        search_areas(A[:-1], (h, w), 3.0)
+
+
+def test_cleanup_keeps_main_blob_and_normalises():
+    h = w = 20
+    yy, xx = np.mgrid[:h, :w]
+    main = np.exp(-((yy - 6) ** 2 + (xx - 6) ** 2) / 6.0)
+    main[main < 0.05] = 0
+    speck = np.zeros((h, w))
+    speck[15:17, 15:17] = 0.3  # a separate, weaker piece
+    a = main + speck
+    A = np.stack([a.ravel(), np.zeros(h * w)], 1)
+    A_clean, norms = cleanup_footprints(A, (h, w))
+    A_clean = np.asarray(A_clean)
+    assert np.all(A_clean[speck.ravel() > 0, 0] == 0)
+    np.testing.assert_allclose(A_clean[:, 0] * float(norms[0]), main.ravel(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(A_clean[:, 0]), 1.0, rtol=1e-6)
+    assert float(norms[1]) == 0 and not A_clean[:, 1].any()
+    kept, _ = cleanup_footprints(A, (h, w), connected=False)  # dendrites: every piece stays
+    assert np.all(np.asarray(kept)[speck.ravel() > 0, 0] > 0)
+
+
+def test_bad_arguments():
+    Y = np.zeros((16, 10))
+    with pytest.raises(ParameterError, match="method"):
+        update_spatial(Y, np.zeros((16, 1)), np.zeros((1, 10)), np.zeros((16, 1)), np.ones((1, 10)), np.ones(16),
+                       radius=1.0, shape=(4, 4), method="magic")
+    with pytest.raises(ParameterError, match="search"):
+        update_spatial(Y, np.zeros((16, 1)), np.zeros((1, 10)), np.zeros((16, 1)), np.ones((1, 10)), np.ones(16))
+    with pytest.raises(ParameterError, match="sn"):
+        update_spatial(Y, np.zeros((16, 1)), np.zeros((1, 10)), np.zeros((16, 1)), np.ones((1, 10)), np.ones(15),
+                       radius=1.0, shape=(4, 4))
