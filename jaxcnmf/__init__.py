@@ -39,6 +39,15 @@ _LAZY = {
     "tau_to_ar": "noise",
     "deconvolve": "deconv",
     "DeconvResult": "deconv",
+    # fit stages: initialisation, spatial update, quality
+    "greedy_init": "init",
+    "sparse_nmf_init": "init",
+    "InitResult": "init",
+    "update_spatial": "spatial",
+    "search_areas": "spatial",
+    "cleanup_footprints": "spatial",
+    "evaluate_components": "quality",
+    "Quality": "quality",
     # the full fit
     "fit": "fit",
     "Params": "fit",
