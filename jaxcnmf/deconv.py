@@ -33,7 +33,7 @@ AR(1) pool merging is exact. For AR(2), a pool's values also depend on the last 
 merge holds fixed (Friedrich et al. 2017's greedy AR(2) rule); the tests bound its gap to the optimum with a dual
 certificate. `s_min > 0` is the thresholded variant (OASIS-style): pools whose starting spike is below `s_min` are
 merged into the pool before, so every reported spike is 0 or >= s_min; this is a heuristic for a non-convex problem,
-not an exact l0 solution. When the noise budget cannot be met even with lam = 0 (sn far too small), lam = 0 is
+not an exact l0 solution, and the noise budget may then be out of reach (lam drops to 0). When the noise budget cannot be met even with lam = 0 (sn far too small), lam = 0 is
 returned and the solution is the non-negative least-squares fit.
 """
 
@@ -219,9 +219,6 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min) -> tuple[Bool[Array
     def full(pool):
         return tuple(pool) + (zero,) * (5 - nfield)
 
-    def cond(state):
-        return ~state[-1]
-
     def body(state):
         t, n, top1, top2, stack, pinned, _ = state
         p1, p2 = full(top1), full(top2)
@@ -243,8 +240,12 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min) -> tuple[Bool[Array
         last, second = _pool_tail(ker, v1, p1[3], l1)
         new = (t, x[jnp.minimum(t, T - 1)], zero, last, second)[:nfield]
 
-        slot = jnp.maximum(n - 2, 0)  # free unless we push, when it takes top2
-        stack = tuple(a.at[slot].set(v, mode="promise_in_bounds") for a, v in zip(stack, top2))
+        # slot n-2 is free unless we push, when it takes top2. Writing `below` otherwise is harmless, and makes the
+        # write depend on the read above, so XLA updates the stack in place instead of copying it every step.
+        slot = jnp.maximum(n - 2, 0)
+        stack = tuple(
+            a.at[slot].set(jnp.where(push, v, w), mode="promise_in_bounds") for a, v, w in zip(stack, top2, below)
+        )
         pick = lambda a, b, c: jnp.where(merge, a, jnp.where(push, b, c))
         top1_next = tuple(pick(a, b, c) for a, b, c in zip(merged, new, top1))
         top2_next = tuple(pick(a, b, c) for a, b, c in zip(below, top1, top2))
@@ -252,7 +253,9 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min) -> tuple[Bool[Array
         t = t + push.astype(jnp.int32)
         return t, n, top1_next, top2_next, stack, pinned | pin, done
 
-    t, n, top1, top2, stack, pinned, _ = jax.lax.while_loop(cond, body, state)
+    # A fixed number of steps (T - 1 pushes, at most T - 1 merges, one pin) rather than a while loop: under vmap a
+    # while loop with a per-trace condition selects the whole carry (the stack arrays) on every step.
+    t, n, top1, top2, stack, pinned, _ = jax.lax.fori_loop(0, 2 * T, lambda i, st: body(st), state)
     t0 = stack[0]
     t0 = t0.at[jnp.where(n >= 2, n - 2, T)].set(top2[0], mode="drop")
     t0 = t0.at[n - 1].set(top1[0])
@@ -453,7 +456,9 @@ def _update_b_lam(y, a, Mx, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free:
         qb = jnp.sum(rho0 * rho1)
         qc = jnp.sum(rho0 * rho0) - sn**2 * length
         disc = qb**2 - qa * qc
-        ok = qa > 0
+        # qa ~ rounding error: the residual does not depend on lam on this structure (e.g. c = 0 already meets the
+        # budget), so lam is undetermined; keep the current value
+        ok = qa > (1e3 * jnp.finfo(dt).eps) ** 2 * jnp.sum(a * a)
         safe = jnp.where(ok, qa, 1)
         root = (-qb + jnp.sqrt(jnp.where(ok & (disc > 0), disc, 0))) / safe
         lam_new = jnp.maximum(jnp.where(ok, root, lam), 0)
@@ -645,7 +650,7 @@ def deconvolve_batch(
     """Deconvolve every row of `Y` (see the module docstring for the problem); compiled once per shape and options.
 
     **Arguments:**
-    - `Y`: `(N, T)` traces (float32 unless float64 is given; other types become float32).
+    - `Y`: `(N, T)` traces (computed in float64 when Y is float64 and jax's x64 mode is on, else float32).
     - `g`: AR coefficients, `(p,)` shared or `(N, p)` per row; estimated with `noise.estimate_ar` when None.
     - `sn`: noise standard deviation, scalar or `(N,)`; estimated with `noise.estimate_noise` when None.
     - `length`: optional `(N,)` numbers of valid frames (or one int): frames at t >= length are ignored (they may hold
@@ -665,7 +670,7 @@ def deconvolve_batch(
     Y = np.asarray(Y)
     if Y.ndim != 2:
         raise TraceError(f"Y: expected a 2-D array (traces x frames), got shape {Y.shape}; use deconvolve for one trace.")
-    dtype = np.float64 if Y.dtype == np.float64 else np.float32
+    dtype = np.float64 if (Y.dtype == np.float64 and jax.config.jax_enable_x64) else np.float32
     N, T = Y.shape
     if g is not None:
         p = int(np.shape(g)[-1])
