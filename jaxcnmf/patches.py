@@ -50,6 +50,8 @@ _CHUNK_COPIES = 4
 # copies of one patch's movie alive at once inside a patch fit (movie, pixels x frames copy, init's padded copies)
 _PATCH_COPIES = 8
 _MANIFEST = "manifest.json"
+# pixels per block when a whole-field step works block by block (bounds its temporaries)
+_PIXEL_BLOCK = 16384
 
 
 # ------------------------------------------------------------------------------------------------------------ memory
@@ -570,19 +572,23 @@ def compress_time(Zq: np.ndarray, zz: np.ndarray, A: np.ndarray, C: np.ndarray, 
     e, V = e[keep], V[:, keep]
     Vs = V / np.sqrt(e)  # V E^{-1/2}
     M = V * np.sqrt(e)  # V E^{1/2}
-    Zq = np.asarray(Zq, np.float64)
-    Q = Zq + np.asarray(A, np.float64) @ (C.astype(np.float64) @ F.T)
-    u = Q @ Vs
-    e2 = np.asarray(zz, np.float64) - np.sum((Zq @ Vs) ** 2, axis=1)
-    extra = np.sqrt(np.maximum(e2, 0.0))
-    fc = M[K:]
-    Yc = np.concatenate([u + np.asarray(b, np.float64) @ fc, extra[:, None]], axis=1)
     r = M.shape[1]
+    CF = C.astype(np.float64) @ F.T
+    fc = M[K:]
+    d = A.shape[0]
+    Yc = np.empty((d, r + 1), out)
+    for i in range(0, d, _PIXEL_BLOCK):  # pixel blocks: float64 temporaries stay small on a large field
+        blk = slice(i, min(i + _PIXEL_BLOCK, d))
+        zq = np.asarray(Zq[blk], np.float64)
+        zs = zq @ Vs
+        Yc[blk, :r] = zs + (np.asarray(A[blk], np.float64) @ CF) @ Vs + np.asarray(b[blk], np.float64) @ fc
+        e2 = np.asarray(zz[blk], np.float64) - np.sum(zs**2, axis=1)
+        Yc[blk, r] = np.sqrt(np.maximum(e2, 0.0))
     zero = lambda n: np.zeros((n, 1))  # noqa: E731
     Cc = np.concatenate([M[:K], zero(K)], axis=1)
     fc = np.concatenate([fc, zero(f.shape[0])], axis=1)
     snc = np.asarray(sn, np.float64) * math.sqrt(T / (r + 1))
-    return Yc.astype(out), Cc.astype(out), fc.astype(out), snc.astype(out)
+    return Yc, Cc.astype(out), fc.astype(out), snc.astype(out)
 
 
 def compress_pixels(MY: np.ndarray, A: np.ndarray, b: np.ndarray, rtol: float = 1e-9):
@@ -615,8 +621,8 @@ def _gram(M: np.ndarray) -> np.ndarray:
     """M'M in float64 from a mostly-zero `(d, n)` matrix (sparse product)."""
     import scipy.sparse
 
-    S = scipy.sparse.csc_matrix(np.asarray(M, np.float64))
-    return (S.T @ S).toarray()
+    S = scipy.sparse.csc_matrix(M)  # no dense float64 copy of M
+    return (S.T @ S).toarray().astype(np.float64)
 
 
 # -------------------------------------------------------------------------------------------------- streamed passes
@@ -746,7 +752,7 @@ def refine(source, start: Stitched, prm, *, chunk_frames: int | None = None, mem
 
     from .fit import empty_result
     from .merge import degenerate_components, merge_components
-    from .spatial import cleanup_footprints, update_spatial
+    from .spatial import cleanup_footprints
     from .temporal import color_components, update_temporal
 
     T, H, W = source.shape
@@ -765,8 +771,9 @@ def refine(source, start: Stitched, prm, *, chunk_frames: int | None = None, mem
             break
         Zq, zz = stream.residual_statistics(A, C, b, f)
         Yc, Cc, fc, snc = compress_time(Zq, zz, A, C, b, f, sn, T)
-        A, b = update_spatial(Yc, A, Cc, b, fc, snc, radius=float(prm.neuron_radius), shape=(H, W),
-                              method=prm.spatial_method, compact=compact)
+        A, b = spatial_by_blocks(Yc, A, Cc, b, fc, snc, radius=float(prm.neuron_radius), shape=(H, W),
+                                 method=prm.spatial_method, compact=compact)
+        del Yc, Zq
         A, norms = cleanup_footprints(A, (H, W), connected=compact)
         A, b = np.asarray(A), np.asarray(b)
         C = C * np.asarray(norms)[:, None]
@@ -792,6 +799,29 @@ def refine(source, start: Stitched, prm, *, chunk_frames: int | None = None, mem
     q = _quality_by_window(source, A, tr, b, f, sn, prm, boxes, chunk_frames)
     note("refine: quality")
     return _assemble(A, tr, b, f, start.sn, q, prm, (H, W))
+
+
+def spatial_by_blocks(Yc, A, Cc, b, fc, snc, *, radius, shape, method, compact, block: int | None = None):
+    """`spatial.update_spatial` block by block of pixels (its problem is separable over pixels once the search areas
+    are fixed), so its temporaries are those of one block; the result equals one call on the whole field.
+
+    **Arguments:** as for `update_spatial` (`Yc` `(d, n)`, `A` `(d, K)`, `Cc` `(K, n)`, `b` `(d, nb)`, `fc`
+    `(nb, n)`, `snc` `(d,)`), plus `block` pixels per call (default 4 x 16384).
+
+    **Returns:** `(A (d, K), b (d, nb))` numpy, in `Yc`'s dtype.
+    """
+    from .spatial import search_areas, update_spatial
+
+    d = A.shape[0]
+    block = block or 4 * _PIXEL_BLOCK
+    search = np.asarray(search_areas(A, shape, radius, compact=compact))
+    A_new = np.empty(A.shape, Yc.dtype)
+    b_new = np.empty(b.shape, Yc.dtype)
+    for i in range(0, d, block):
+        blk = slice(i, min(i + block, d))
+        a_i, b_i = update_spatial(Yc[blk], A[blk], Cc, b[blk], fc, snc[blk], search=search[blk], method=method)
+        A_new[blk], b_new[blk] = np.asarray(a_i), np.asarray(b_i)
+    return A_new, b_new
 
 
 def _take(tr, keep):

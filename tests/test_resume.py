@@ -12,20 +12,22 @@ from _scale_movies import FPS, OVERLAP, PATCH, RADIUS, planted_movie
 import jaxcnmf.patches as patches
 
 
+_REAL_FIT = patches._fit_window
+
+
 class Interrupted(RuntimeError):
     pass
 
 
 def _counting(monkeypatch, fail_after=None):
     """Wrap the per-patch fit: count calls, raise after `fail_after` finished patches (as a kill would)."""
-    real = patches._fit_window
     calls = []
 
     def wrapped(window, params):
         if fail_after is not None and len(calls) >= fail_after:
             raise Interrupted("killed")
         calls.append(1)
-        return real(window, params)
+        return _REAL_FIT(window, params)
 
     monkeypatch.setattr(patches, "_fit_window", wrapped)
     return calls
