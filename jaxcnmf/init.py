@@ -168,13 +168,14 @@ def window_rank1(
     c may take either sign: the movie had each pixel's median removed, which for an active neuron lies above its
     resting level, so its quiet frames sit below zero.
 
-    **Arguments:** `X` (T, n) window data; `ring` (n,) bool border pixels; `inside` (n,) bool pixels inside the image;
+    **Arguments:** `X` (T, n) window data; `ring` (m,) int indices of the border pixels; `inside` (n,) bool pixels
+    inside the image;
     `a0` (n,) start; `n_iter` alternations.
 
     **Returns:** `(a, c)` as `rank1_nmf`, a zero outside the image.
     """
-    use = ring & inside
-    h = jnp.nanmedian(jnp.where(use[None, :], X, jnp.nan), axis=1)
+    use = inside[ring]
+    h = jnp.nanmedian(jnp.where(use[None, :], X[:, ring], jnp.nan), axis=1)
     h = jnp.where(jnp.any(use), h, 0.0)
     Xc = jnp.where(inside[None, :], X - h[:, None], 0.0)
     return rank1_nmf(Xc, jnp.where(inside, a0, 0.0), n_iter, nonneg_c=False)
@@ -205,7 +206,7 @@ def _greedy_round(
     Rp, Bp: (T, H+2pad, W+2pad) residual and filtered residual; Ep, Pp: (H+2pad, W+2pad) energy and peak of Bp
     (see `_peak_above_slow`);
     centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool; a0 (w*w,) start footprint;
-    ring (w*w,) bool window border; inside (H+2pad, W+2pad) bool image pixels; g, box the score filter's taps;
+    ring (m,) int indices of the window's border pixels; inside (H+2pad, W+2pad) bool image pixels; g, box the score filter's taps;
     snp (H+2pad, W+2pad) noise of B; snr_stop the eligibility level.
     A fit that lowers its seed's peak-to-noise by less than snr_stop / 2 is dropped (it fitted something else).
     Returns updated (Rp, Bp, Ep, Pp), the fitted (a (n, w, w), c (n, T)) with a c' subtracted (zero where dropped),
@@ -275,20 +276,30 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow):
     return median, jnp.pad(R, padw), jnp.pad(B, padw), sn_b, Ep, Pp
 
 
+def _cumsum0(x: jax.Array) -> jax.Array:
+    """Cumulative sum along axis 0 as an associative scan (XLA's CPU cumsum is many times slower on long axes)."""
+    return lax.associative_scan(jnp.add, x, axis=0)
+
+
 def _peak_above_slow(x: jax.Array, n: int, half: int) -> jax.Array:
     """Peak of a transient in x (T, ...): max over t of the mean of n consecutive frames of x minus its slow part.
 
     The slow part is the running mean over 2 half + 1 frames (truncated at the ends), so slow background and
-    neuropil drifts, which the spatial filter does not remove, do not count as peaks.
+    neuropil drifts, which the spatial filter does not remove, do not count as peaks. Cumulative sums and slices
+    only (no gathers).
     """
     T = x.shape[0]
-    cs = jnp.concatenate([jnp.zeros_like(x[:1]), jnp.cumsum(x, axis=0)], axis=0)
-    t = jnp.arange(T)
-    lo, hi = jnp.maximum(t - half, 0), jnp.minimum(t + half + 1, T)
-    shape = (T,) + (1,) * (x.ndim - 1)
-    slow = (cs[hi] - cs[lo]) / (hi - lo).reshape(shape).astype(x.dtype)
-    xh = x - slow
-    cs = jnp.concatenate([jnp.zeros_like(xh[:1]), jnp.cumsum(xh, axis=0)], axis=0)
+    half = min(half, T - 1)
+    n = min(n, T)
+    cs = jnp.concatenate([jnp.zeros_like(x[:1]), _cumsum0(x)], axis=0)  # (T + 1, ...)
+    last = jnp.broadcast_to(cs[T:], (half,) + cs.shape[1:])
+    first = jnp.broadcast_to(cs[:1], (half,) + cs.shape[1:])
+    hi = jnp.concatenate([cs[half + 1 :], last], axis=0)  # cs[min(t + half + 1, T)]
+    lo = jnp.concatenate([first, cs[: T - half]], axis=0)  # cs[max(t - half, 0)]
+    t = np.arange(T)
+    count = (np.minimum(t + half + 1, T) - np.maximum(t - half, 0)).astype(np.float32)
+    xh = x - (hi - lo) / jnp.asarray(count, x.dtype).reshape((T,) + (1,) * (x.ndim - 1))
+    cs = jnp.concatenate([jnp.zeros_like(xh[:1]), _cumsum0(xh)], axis=0)
     return jnp.max(cs[n:] - cs[:-n], axis=0) / n
 
 
@@ -506,7 +517,7 @@ def greedy_init(
     w = 2 * h + 1
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     a0 = jnp.asarray(np.exp(-0.5 * (yy**2 + xx**2) / (max(r, 1.0) / 1.5) ** 2).ravel(), dtype)
-    ring = jnp.asarray((np.maximum(np.abs(yy), np.abs(xx)) == h).ravel())
+    ring = jnp.asarray(np.flatnonzero(np.maximum(np.abs(yy), np.abs(xx)) == h))
     inside = jnp.pad(jnp.ones((H, W), bool), pad)
     snp = jnp.pad(jnp.asarray(sn_b), pad, constant_values=1.0)
 
