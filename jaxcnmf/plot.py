@@ -306,8 +306,10 @@ def plot_traces(result: Result, idx: Any = None, fps: float | None = None, *, ma
     t, xlabel = _time_axis(T, _fps(result, fps))
     plt = pyplot()
     n = max(len(idx), 1)
-    fig = plt.figure(figsize=(10, 1.9 * n + 0.6))
-    grid = fig.add_gridspec(2 * n, 1, height_ratios=[3, 1] * n, hspace=0.15)
+    height = 1.9 * n + 0.9
+    fig = plt.figure(figsize=(10, height))
+    grid = fig.add_gridspec(2 * n, 1, height_ratios=[3, 1] * n, hspace=0.15, top=1 - 0.45 / height,
+                            bottom=0.5 / height)
     colors = component_colors(K)
     if not len(idx):
         ax = fig.add_subplot(grid[:, 0])
@@ -408,8 +410,10 @@ def plot_background(result: Result, fps: float | None = None):
     nb = max(len(b), 1)
     t, xlabel = _time_axis(f.shape[1] if f.ndim == 2 else 0, _fps(result, fps))
     plt = pyplot()
-    fig = plt.figure(figsize=(10, 2.6 * nb + 0.4))
-    grid = fig.add_gridspec(nb, 2, width_ratios=[1, 3], wspace=0.25, hspace=0.35)
+    height = 2.6 * nb + 0.8
+    fig = plt.figure(figsize=(10, height))
+    grid = fig.add_gridspec(nb, 2, width_ratios=[1, 3], wspace=0.25, hspace=0.45, top=1 - 0.6 / height,
+                            bottom=0.5 / height)
     for i in range(len(b)):
         ax = fig.add_subplot(grid[i, 0])
         im = ax.imshow(b[i], cmap="viridis", interpolation="nearest")
