@@ -75,7 +75,8 @@ def _check_fps(result: Result, fps: Any) -> float:
 
 def _check_inputs(result: Result, path: Any, movie_path: Any, fps: Any):
     if not isinstance(result, Result):
-        raise ParameterError(f"result: expected a jaxcnmf Result (from fit or load_result), got {type(result).__name__}")
+        raise ParameterError(f"result: expected a jaxcnmf Result (from fit or load_result), got "
+                             f"{type(result).__name__}")
     if not str(path).lower().endswith(".nwb"):
         raise ParameterError(f"path '{path}': NWB files end in .nwb; choose a name like 'session.nwb'")
     rate = _check_fps(result, fps)

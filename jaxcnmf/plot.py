@@ -36,7 +36,8 @@ def pyplot():
 
 def _arrays(result: Result) -> dict[str, np.ndarray]:
     if not isinstance(result, Result):
-        raise ParameterError(f"result: expected a jaxcnmf Result (from fit or load_result), got {type(result).__name__}")
+        raise ParameterError(f"result: expected a jaxcnmf Result (from fit or load_result), got "
+                             f"{type(result).__name__}")
     return result.arrays()
 
 
@@ -102,7 +103,7 @@ def component_colors(K: int) -> np.ndarray:
 
 
 def local_correlation_image(movie: Any, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> np.ndarray:
-    """Each pixel's mean temporal correlation with its 8 neighbours (fewer at the border): the usual image to spot cells.
+    """Each pixel's mean temporal correlation with its 8 neighbours (fewer at the border): the image to spot cells in.
 
     Streamed over chunks of frames with one pass: sums of each pixel and of products of neighbouring pixels are
     accumulated in float64 after subtracting the first frame (which keeps the sums well conditioned).

@@ -230,9 +230,9 @@ def render_html(result: Result, figures: list[Figure], *, title: str = "jaxcnmf 
 # ------------------------------------------------------------------------------------------------------------ writer
 
 
-def write_report(path: str | os.PathLike, result: Result, movie: Any = None, *, png_dir: str | os.PathLike | None = None,
-                 title: str | None = None, truth_A: Any = None, n_traces: int = 6, dpi: int = 100,
-                 sources: dict[str, str] | None = None) -> str:
+def write_report(path: str | os.PathLike, result: Result, movie: Any = None, *,
+                 png_dir: str | os.PathLike | None = None, title: str | None = None, truth_A: Any = None,
+                 n_traces: int = 6, dpi: int = 100, sources: dict[str, str] | None = None) -> str:
     """Write the HTML report of a fit (atomically), and optionally each figure as a PNG file.
 
     **Arguments:**
@@ -254,7 +254,8 @@ def write_report(path: str | os.PathLike, result: Result, movie: Any = None, *, 
     from .plot import _open_checked, pyplot
 
     if not isinstance(result, Result):
-        raise ParameterError(f"result: expected a jaxcnmf Result (from fit or load_result), got {type(result).__name__}")
+        raise ParameterError(f"result: expected a jaxcnmf Result (from fit or load_result), got "
+                             f"{type(result).__name__}")
     if isinstance(n_traces, bool) or not isinstance(n_traces, (int, np.integer)) or n_traces < 1:
         raise ParameterError(f"n_traces={n_traces!r}: expected a positive number of components to show")
     pyplot()  # fail on a missing matplotlib before reading anything
