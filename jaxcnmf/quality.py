@@ -115,6 +115,8 @@ def evaluate_components(
     fps: float | None = None,
     min_snr: float = 2.5,
     rval_thr: float = 0.8,
+    snr_lowest: float = 1.5,
+    rval_lowest: float = 0.5,
     n_top: int | None = None,
     n_consecutive: int | None = None,
     neighbourhood=None,
@@ -129,9 +131,12 @@ def evaluate_components(
       at least the noise that the pixels' `sn` put into the trace, sqrt(sum_i a_ik^2 sn_i^2) / sum_i a_ik^2.
     - r_value: `spatial_consistency` with the `n_top` frames where c_k is largest, on `neighbourhood` (default: the
       footprint's support, or with `shape` and `radius` the support dilated by a disk of `radius`).
-    - **Rule:** accepted = (snr >= min_snr) AND (r_value >= rval_thr) AND the footprint and trace are non-empty and
-      finite. Both tests must pass: a bright trace on a footprint that the data do not show (r low) is rejected,
-      and so is a well-shaped footprint whose trace never rises above noise.
+    - **Rule** (CaImAn's, either test may carry a component if the other is not hopeless): a non-empty, finite
+      component is accepted when
+      (snr >= min_snr AND r_value >= rval_lowest) OR (r_value >= rval_thr AND snr >= snr_lowest).
+      So a clear transient on a footprint the data show at least loosely is kept, and so is a footprint the data
+      show clearly whose trace is weaker; noise fitted into a blob (low snr, middling r) and a bright trace on a
+      footprint the data do not show (r below rval_lowest) are rejected.
 
     **Arguments:**
 
@@ -139,7 +144,8 @@ def evaluate_components(
       `YrA` (K, T) residual traces (C + YrA is the raw trace).
     - `fps`: frame rate in Hz, if known: sets the defaults of `n_consecutive` (0.1 s of frames, at least 3) and
       `n_top` (see below).
-    - `min_snr`, `rval_thr`: the thresholds of the rule.
+    - `min_snr`, `rval_thr`: the main thresholds of the rule; `snr_lowest`, `rval_lowest`: the floors (CaImAn's
+      `SNR_lowest`, `rval_lowest`).
     - `n_top`: frames averaged for the r-value; None -> clip(T // 20, 5, 50).
     - `n_consecutive`: frames a transient must last for the snr; None -> 3, or 0.1 s of frames if `fps` is given.
     - `neighbourhood`: optional (d, K) bool where each r-value is computed (e.g. the spatial update's search areas).
@@ -190,5 +196,5 @@ def evaluate_components(
     snr = trace_snr(C + YrA, floor, n_consecutive=int(n_consecutive))
     r = spatial_consistency(Yr, A, C, b, f, neighbourhood, n_top=n_top)
     ok = (a2 > 0) & (jnp.max(C, axis=1) > 0) & jnp.isfinite(snr) & jnp.isfinite(r)
-    accepted = ok & (snr >= min_snr) & (r >= rval_thr)
+    accepted = ok & (((snr >= min_snr) & (r >= rval_lowest)) | ((r >= rval_thr) & (snr >= snr_lowest)))
     return Quality(snr=jnp.where(ok, snr, 0.0), r_value=jnp.where(ok, r, 0.0), accepted=accepted)

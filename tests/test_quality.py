@@ -113,3 +113,13 @@ def test_empty_and_bad_inputs():
     with pytest.raises(ParameterError, match="fps"):
         evaluate_components(Yr, A, np.zeros((2, 20)), np.zeros((16, 1)), np.ones((1, 20)), np.ones(16),
                             np.zeros((2, 20)), fps=-1.0)
+
+
+def test_acceptance_rule_is_the_documented_one(sim_with_fakes):
+    Yr, A, C, b, f, sn, YrA, _ = sim_with_fakes
+    q = evaluate_components(Yr, A, C, b, f, sn, YrA, fps=30.0, min_snr=4.0, rval_thr=0.95, snr_lowest=2.0,
+                            rval_lowest=0.6)
+    snr, r = np.asarray(q.snr), np.asarray(q.r_value)
+    expected = ((snr >= 4.0) & (r >= 0.6)) | ((r >= 0.95) & (snr >= 2.0))
+    np.testing.assert_array_equal(np.asarray(q.accepted), expected & (np.asarray(C).max(1) > 0))
+    assert expected.any() and not expected.all()
