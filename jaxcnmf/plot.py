@@ -356,7 +356,8 @@ def plot_quality(result: Result, *, min_snr: float | None = None, rval_thr: floa
     **Arguments:**
 
     - `result`: a `Result` holding `snr` and `r_value` (every `fit` result does).
-    - `min_snr`, `rval_thr`: thresholds to draw (default: the fit's `params['min_snr']`, `params['rval_thr']`).
+    - `min_snr`, `rval_thr`: thresholds to draw (default: the fit's `params['min_snr']`, `params['rval_thr']`); the
+      floors `params['snr_lowest']`, `params['rval_lowest']` are drawn dotted when the result records them.
 
     **Returns:** the matplotlib `Figure`.
     """
@@ -379,6 +380,13 @@ def plot_quality(result: Result, *, min_snr: float | None = None, rval_thr: floa
         ax.axhline(min_snr, color="tab:red", lw=0.8, ls="--", label=f"min_snr = {min_snr:g}")
     if rval_thr is not None:
         ax.axvline(rval_thr, color="tab:blue", lw=0.8, ls="--", label=f"rval_thr = {rval_thr:g}")
+    floors = {k: result.params.get(k) for k in ("snr_lowest", "rval_lowest")}  # the rule's floors, when recorded
+    if floors["snr_lowest"] is not None:
+        ax.axhline(floors["snr_lowest"], color="tab:red", lw=0.8, ls=":",
+                   label=f"snr_lowest = {floors['snr_lowest']:g}")
+    if floors["rval_lowest"] is not None:
+        ax.axvline(floors["rval_lowest"], color="tab:blue", lw=0.8, ls=":",
+                   label=f"rval_lowest = {floors['rval_lowest']:g}")
     ax.set_yscale("log")
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 

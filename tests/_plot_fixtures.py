@@ -40,7 +40,7 @@ def small_fit(T: int = 200, shape=(24, 30), seed: int = 0, noise: float = 0.5):
         f=f.astype(np.float32), sn=sn.astype(np.float32), g=g.astype(np.float32), YrA=YrA.astype(np.float32),
         snr=np.array([12.0, 8.0, 4.0, 1.5], np.float32), r_value=np.array([0.95, 0.9, 0.85, 0.3], np.float32),
         accepted=np.array([True, True, True, False]), centers=centers.astype(np.float32),
-        params={"fps": 20.0, "min_snr": 2.5, "rval_thr": 0.8, "neuron_radius": 3.0,
+        params={"fps": 20.0, "min_snr": 2.5, "rval_thr": 0.8, "snr_lowest": 1.5, "rval_lowest": 0.5, "neuron_radius": 3.0,
                 "timings": {"noise": 0.5, "initialise": 1.25, "total": 4.0}},
         version="test",
     )

@@ -149,6 +149,7 @@ def test_quality_scatter_and_thresholds(fitted):
     hlines = [ln.get_ydata()[0] for ln in ax.lines if ln.get_ydata()[0] == ln.get_ydata()[-1]]
     vlines = [ln.get_xdata()[0] for ln in ax.lines if ln.get_xdata()[0] == ln.get_xdata()[-1]]
     assert 2.5 in hlines and 0.8 in vlines  # from result.params
+    assert 1.5 in hlines and 0.5 in vlines  # the rule's floors
     bare = type(result)(**{k: getattr(result, k) for k in ("A", "C", "S", "b", "f", "sn", "g", "YrA")})
     with pytest.raises(ParameterError, match="no quality metrics"):
         plot.plot_quality(bare)
