@@ -39,6 +39,7 @@ _LAZY = {
     "tau_to_ar": "noise",
     "deconvolve": "deconv",
     "DeconvResult": "deconv",
+    "deconvolve_batch": "deconv",
     # fit stages: initialisation, spatial update, quality
     "greedy_init": "init",
     "sparse_nmf_init": "init",
