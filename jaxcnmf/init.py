@@ -420,6 +420,7 @@ def greedy_init(
     snr_stop: float | None = None,
     n_smooth: int | None = None,
     n_slow: int | None = None,
+    order_by: str = "energy",
     batch: int = 16,
     window: int | None = None,
     sigma: float | None = None,
@@ -439,7 +440,7 @@ def greedy_init(
        frames) sqrt(n_smooth) / s (a transient lasts several frames, noise averaged over n frames has sd
        s / sqrt(n), and slow drifts are not transients). A pixel is *eligible* when psnr >= `snr_stop` (it
        holds a transient that noise alone would not produce).
-    3. Each round: take up to `batch` eligible pixels, greedily by energy, whose (2 window + 1)^2 windows do not overlap;
+    3. Each round: take up to `batch` eligible pixels, greedily by energy (or by psnr, `order_by="peak"`), whose (2 window + 1)^2 windows do not overlap;
        in each window remove the local background (per frame, the median over the window's border) and fit
        c a' (rank-1 non-negative, `max_iter_rank1` alternating projected least-squares steps, started from a Gaussian
        blob); subtract a c' from R and filter(a) c' from B, and re-score the touched pixels.
@@ -464,6 +465,7 @@ def greedy_init(
     - `n_slow`: half-width in frames of the running mean removed before the peak (None: 60, or 2 s of frames when
       `fps` is given, at least 30).
     - `batch`: most components found per round (they are fitted together).
+    - `order_by`: "energy" (MATH.md) or "peak": which score orders the eligible seeds.
     - `window`: half-width of the fitting window (and of the score filter's square) in pixels; None -> ceil(2.5 radius).
     - `sigma`: sd of the Gaussian of the score filter in pixels; None -> radius / 2.
     - `n_iter_background`: HALS sweeps of the final background fit.
@@ -492,6 +494,8 @@ def greedy_init(
     n_smooth = int(n_smooth)
     if not 1 <= n_smooth <= T:
         raise ParameterError(f"n_smooth={n_smooth!r}: must be between 1 and the number of frames ({T}).")
+    if order_by not in ("peak", "energy"):
+        raise ParameterError(f"order_by={order_by!r}: choose 'peak' or 'energy'.")
     if n_slow is None:
         n_slow = 60 if fps is None else max(30, int(round(2.0 * float(fps))))
     n_slow = int(n_slow)
@@ -531,7 +535,7 @@ def greedy_init(
             break
         psnr = P * math.sqrt(n_smooth) / sn_b
         eligible = (psnr >= snr_stop) & ~excluded
-        chosen = _pick_centres(E, eligible, int(min(batch, n_left)), 2 * h)
+        chosen = _pick_centres(psnr if order_by == "peak" else E, eligible, int(min(batch, n_left)), 2 * h)
         if not chosen:
             break
         n = len(chosen)
