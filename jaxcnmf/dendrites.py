@@ -1,0 +1,439 @@
+"""Starting points for dendritic and axonal imaging: event-triggered sparse rank-1 components (no blob shape assumed).
+
+First stage of the pipeline for `fit(..., init="dendrite")`: a movie (T,H,W) in, thin branching footprints A (d,K),
+traces C (K,T) and a background b f out, which the non-compact spatial update and the unchanged temporal update refine.
+
+The idea (sparse activity, no shape prior): after removing each pixel's median and the spatially smooth background
+and neuropil, a component's strongest event is, at its peak frame, usually the only event in the pixels it covers.
+The pixels significantly active at that frame are therefore a clean first footprint even where processes cross
+(where a whole-trace start would mix the two crossing processes). Each footprint is then refined by a sparse
+rank-1 fit on the whole field, keeping only pixels whose projection on the trace is significant against the noise
+(and has a significant neighbour, so a one-pixel-wide branch survives but isolated noise pixels do not), subtracted
+from the residual, and the search repeats until no event is left above the noise. Candidates are refined in batches
+(jit + matrix products over a fixed number of seeds per round), so the cost is a few passes over the movie per round.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .errors import ParameterError
+from .init import InitResult, _as_movie, background_hals, gaussian_blur, gaussian_kernel1d
+from .noise import estimate_noise
+
+__all__ = ["dendrite_init", "highpass_movie", "significant_support", "default_peak_threshold"]
+
+
+# ------------------------------------------------------------------------------------------------- preprocessing
+
+
+@partial(jax.jit, static_argnames=("tsub",))
+def _bin_frames(Y: jax.Array, tsub: int) -> jax.Array:
+    """Average consecutive groups of `tsub` frames of a (T, ...) stack (a trailing partial group is dropped)."""
+    n = Y.shape[0] // tsub
+    return Y[: n * tsub].reshape((n, tsub) + Y.shape[1:]).mean(axis=1)
+
+
+@jax.jit
+def highpass_movie(frames: jax.Array, median: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Each frame minus the pixel medians, minus its own Gaussian blur (a spatial high-pass, normalised at the edges).
+
+    Thin processes (a few pixels wide) pass almost unchanged; the smooth background and the neuropil, which vary over
+    tens of pixels, are removed.
+
+    **Arguments:** `frames` (T, H, W); `median` (H, W) per-pixel temporal median; `kernel` (k,) 1-D Gaussian taps.
+
+    **Returns:** (T, H, W) high-passed frames, same dtype.
+    """
+    x = frames - median
+    norm = gaussian_blur(jnp.ones(median.shape, x.dtype), kernel)
+    return x - gaussian_blur(x, kernel) / norm
+
+
+def default_peak_threshold(n_samples: float) -> float:
+    """Largest value that unit Gaussian noise reaches about once among `n_samples` independent samples.
+
+    Solves n P(X > u) = 1 with the tail bound P(X > u) ~ exp(-u^2/2) / (u sqrt(2 pi)) by a few fixed-point steps
+    (about 5.0 for 4e6 samples). Used as the smallest peak SNR that starts a component.
+
+    **Arguments:** `n_samples`: number of (roughly independent) noise samples searched.
+
+    **Returns:** the threshold u (>= 1).
+    """
+    n = max(float(n_samples), 2.0)
+    u = math.sqrt(2 * math.log(n))
+    for _ in range(20):
+        u = math.sqrt(max(2 * math.log(n / (u * math.sqrt(2 * math.pi))), 1.0))
+    return u
+
+
+# ------------------------------------------------------------------------------------------------- footprints
+
+
+def significant_support(proj: jax.Array, shape: tuple[int, int], z: float) -> jax.Array:
+    """Pixels whose whitened projection exceeds `z` AND have at least one 8-neighbour that does too.
+
+    A one-pixel-wide line keeps every pixel (each has a neighbour on the line), so branches are not cut; a noise pixel
+    alone above `z` (probability ~ 1e-3 each) rarely has a significant neighbour as well (~ 1e-5).
+
+    **Arguments:** `proj` (d, B) whitened projections (unit noise), d = H*W row-major; `shape` (H, W); `z` threshold.
+
+    **Returns:** bool (d, B).
+    """
+    H, W = shape
+    B = proj.shape[1]
+    m = (proj > z).T.reshape(B, H, W).astype(proj.dtype)
+    box = jnp.ones((3,), proj.dtype)
+    n = _taps(_taps(m, box, -1), box, -2)  # 3x3 box sum, including the pixel itself
+    keep = (m > 0) & (n >= 2)
+    return keep.reshape(B, H * W).T
+
+
+def _taps(x, k, axis):
+    n = k.shape[0]
+    half = n // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (half, half)
+    xp = jnp.pad(x, pad)
+    L = x.shape[axis]
+    out = k[0] * lax.slice_in_dim(xp, 0, L, axis=axis)
+    for i in range(1, n):
+        out = out + k[i] * lax.slice_in_dim(xp, i, i + L, axis=axis)
+    return out
+
+
+def _box_smooth(Z: jax.Array, w: int) -> jax.Array:
+    """Moving sum over `w` frames along the last axis, divided by sqrt(w) (unit white noise stays unit)."""
+    if w <= 1:
+        return Z
+    cs = jnp.concatenate([jnp.zeros_like(Z[:, :1]), jnp.cumsum(Z, axis=1)], axis=1)
+    s = cs[:, w:] - cs[:, :-w]
+    return s / math.sqrt(w)
+
+
+def _masked_box(frames: jax.Array, mask: jax.Array, half: int) -> jax.Array:
+    """Sum of `frames` (T, H, W) over the `mask` (H, W) pixels of each (2 half + 1)^2 window, divided by the square
+    root of their count: white unit noise stays unit, and a signal spread along the masked structure adds up."""
+    box = jnp.ones((2 * half + 1,), frames.dtype)
+    m = mask.astype(frames.dtype)
+    num = _taps(_taps(frames * m, box, -1), box, -2)
+    cnt = _taps(_taps(m, box, -1), box, -2)
+    return num / jnp.sqrt(jnp.maximum(cnt, 1.0))
+
+
+@partial(jax.jit, static_argnames=("shape", "n_seeds", "n_iter", "smooth", "sep", "half"))
+def _candidates(Z, exhausted, known, thr, z, blur, *, shape, n_seeds, n_iter, smooth, sep, half):
+    """One round of the search on the whitened residual Z (d, T): seeds, event footprints, batched rank-1 refinement.
+
+    Events are scored on Z smoothed over `smooth` frames and, in space, by a small Gaussian (a matched filter for a
+    thin line, scaled to unit noise) or, on the pixels `known` to belong to components already found, by the masked
+    box sum of `_masked_box` (the search follows the known shapes, where weak branch-local events hide).
+
+    **Returns:** `(a, c, peak, seeds)`: a (d, B) whitened footprints (zero off their significant support), c (B, T)
+    >= 0, peak (B,) each seed's scored peak SNR (0 where no seed was found above `thr`), seeds (B,) pixel indices.
+    """
+    H, W = shape
+    d, T = Z.shape
+    Zs = _box_smooth(Z, smooth).T.reshape(-1, H, W)
+    Zb = gaussian_blur(Zs, blur) / jnp.sum(blur**2)  # separable blur: noise sd is (sum k^2)^(1/2 * 2)
+    Zk = _masked_box(Zs, known.reshape(H, W), half)
+    Zeff = jnp.where(known.reshape(H, W), jnp.maximum(Zk, Zb), Zb).reshape(-1, d).T
+    score = jnp.max(Zeff, axis=1)
+    score = jnp.where(exhausted, 0.0, score)
+    img = score.reshape(H, W)
+    local = lax.reduce_window(img, -jnp.inf, lax.max, (2 * sep + 1, 2 * sep + 1), (1, 1), "SAME")
+    peaks = jnp.where((img >= local) & (img > thr), img, 0.0).reshape(d)
+    peak, seeds = lax.top_k(peaks, n_seeds)
+    ok = peak > 0
+    t_star = jnp.argmax(Zeff[seeds], axis=1)
+    a = Zeff[:, t_star]  # (d, B): the frame of each seed's strongest event
+    a = jnp.where(significant_support(a, shape, z) & ok[None, :], a, 0.0)
+
+    def step(_, a):
+        na2 = jnp.maximum(jnp.sum(a * a, axis=0), 1e-12)
+        c = jnp.maximum((a.T @ Z) / na2[:, None], 0.0)
+        nc = jnp.sqrt(jnp.maximum(jnp.sum(c * c, axis=1), 1e-12))
+        proj = (Z @ c.T) / nc[None, :]  # unit noise under the null
+        return jnp.where(significant_support(proj, shape, z), proj / nc[None, :], 0.0)
+
+    a = lax.fori_loop(0, n_iter, step, a)
+    na2 = jnp.maximum(jnp.sum(a * a, axis=0), 1e-12)
+    c = jnp.maximum((a.T @ Z) / na2[:, None], 0.0)
+    return a, c, jnp.where(ok, peak, 0.0), seeds
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _subtract(Z, a, c):
+    return Z - a @ c
+
+
+@partial(jax.jit, static_argnames=("n_iter",))
+def _hals_supported(Z, A, C, support, n_iter):
+    """Joint non-negative least squares refinement of Z ~ A C, each column of A kept on its `support` (HALS)."""
+    K = A.shape[1]
+    tiny = jnp.asarray(1e-12, Z.dtype)
+
+    def sweep(_, AC):
+        A, C = AC
+        AZ = A.T @ Z
+        AA = A.T @ A
+
+        def upd_c(k, C):
+            return C.at[k].set(jnp.maximum(C[k] + (AZ[k] - AA[k] @ C) / jnp.maximum(AA[k, k], tiny), 0.0))
+
+        C = lax.fori_loop(0, K, upd_c, C)
+        ZC = Z @ C.T
+        CC = C @ C.T
+
+        def upd_a(k, A):
+            col = jnp.maximum(A[:, k] + (ZC[:, k] - A @ CC[:, k]) / jnp.maximum(CC[k, k], tiny), 0.0)
+            return A.at[:, k].set(jnp.where(support[:, k], col, 0.0))
+
+        A = lax.fori_loop(0, K, upd_a, A)
+        return A, C
+
+    return lax.fori_loop(0, n_iter, sweep, (A, C))
+
+
+@partial(jax.jit, static_argnames=("n_iter",))
+def _hals_traces(AtR, AtA, C, n_iter):
+    """Non-negative least-squares traces for fixed footprints from A'R (K, T) and A'A (K, K) by HALS sweeps."""
+    K = C.shape[0]
+    tiny = jnp.asarray(1e-12, C.dtype)
+
+    def sweep(_, C):
+        def upd(k, C):
+            return C.at[k].set(jnp.maximum(C[k] + (AtR[k] - AtA[k] @ C) / jnp.maximum(AtA[k, k], tiny), 0.0))
+
+        return lax.fori_loop(0, K, upd, C)
+
+    return lax.fori_loop(0, n_iter, sweep, C)
+
+
+@jax.jit
+def _project_chunk(frames, median, kernel, A):
+    """A' (high-passed frames) for one chunk: (K, t)."""
+    x = highpass_movie(frames, median, kernel)
+    t = x.shape[0]
+    return A.T @ x.reshape(t, -1).T
+
+
+def _dilate_cross(mask: np.ndarray, shape, n: int) -> np.ndarray:
+    """Binary dilation of (d, K) masks by a 3x3 cross, `n` times (a shape-following band around each support)."""
+    from scipy import ndimage
+
+    H, W = shape
+    K = mask.shape[1]
+    st = np.zeros((3, 3, 3), bool)
+    st[1] = ndimage.generate_binary_structure(2, 1)
+    m = mask.T.reshape(K, H, W)
+    if n > 0 and K:
+        m = ndimage.binary_dilation(m, st, iterations=n)
+    return m.reshape(K, H * W).T
+
+
+# ------------------------------------------------------------------------------------------------- the start
+
+
+def dendrite_init(
+    Y,
+    width: float = 2.0,
+    *,
+    K: int | None = None,
+    nb: int = 1,
+    tsub: int | None = None,
+    smooth: int = 3,
+    z: float = 3.0,
+    peak_snr: float | None = None,
+    min_pixels: int | None = None,
+    dup_corr: float = 0.7,
+    n_seeds: int = 16,
+    max_rounds: int = 12,
+    n_iter: int = 8,
+    n_iter_joint: int = 20,
+    n_iter_background: int = 5,
+    chunk_frames: int = 500,
+) -> InitResult:
+    """Event-triggered sparse start for dendrites and axons: the fit's `init="dendrite"` (CaImAn: `sparse_nmf`).
+
+    Steps (module docstring for the idea): (1) Y minus each pixel's median, minus its spatial Gaussian blur of sigma
+    `4 * width` (removes background and neuropil), averaged over `tsub` frames, divided by each pixel's noise (PSD
+    estimate): Z, unit noise. (2) Rounds: the peak SNR of every pixel (moving sum of `smooth` frames / sqrt(smooth),
+    max over time); up to `n_seeds` local maxima above `peak_snr`, at least `2 width + 1` pixels apart; each seed's
+    first footprint is the significant support (`significant_support`, level `z`) of its strongest event's frame;
+    `n_iter` rank-1 steps on the whole field (c = a'Z / |a|^2, a = significant part of Z c / |c|^2). A candidate is
+    kept if its footprint has at least `min_pixels` pixels and its trace does not correlate above `dup_corr` with an
+    overlapping component already kept (else its seed is marked exhausted); kept ones are subtracted from Z. Stops
+    when a round keeps nothing, after `max_rounds`, or at `K`. (3) `n_iter_joint` joint HALS sweeps of all
+    footprints (each within a one-pixel band around its support) and traces on Z, back in movie units. (4) Full-rate
+    traces: non-negative least squares of the high-passed movie onto the footprints; background: rank-`nb` HALS of
+    Y - A C.
+
+    **Arguments:**
+
+    - `Y`: movie (T, H, W), finite.
+    - `width`: typical process width in pixels (the fit's `neuron_radius`; sets the background blur and seed spacing).
+    - `K`: optional upper bound on the number of components (default: stop by the noise only).
+    - `nb`: background rank.
+    - `tsub`: frames averaged for the search (default `max(1, T // 1000)`: the search sees about 1000 frames).
+    - `smooth`: frames (after binning) summed when scoring events.
+    - `z`: per-pixel significance level of footprint pixels (in noise standard deviations).
+    - `peak_snr`: smallest smoothed peak SNR that seeds a component (default `default_peak_threshold` of the number of
+      pixel-frames searched, i.e. about one false seed per movie from noise alone).
+    - `min_pixels`: smallest footprint kept (default `max(6, 4 * width)`: a short stretch of process).
+    - `dup_corr`: trace correlation above which an overlapping candidate is a duplicate.
+    - `n_seeds`, `max_rounds`, `n_iter`, `n_iter_joint`, `n_iter_background`: sizes of the search (fixed shapes,
+      so each round compiles once).
+    - `chunk_frames`: frames per chunk when projecting the full-rate movie.
+
+    **Returns:** an `InitResult` (A columns of unit l2 norm; `centers` the footprints' centres of mass; `psnr` each
+    component's seed peak SNR).
+    """
+    Y = _as_movie(Y)
+    T, H, W = Y.shape
+    d = H * W
+    if not (isinstance(width, (int, float, np.integer, np.floating)) and width > 0):
+        raise ParameterError(f"width={width!r}: give the typical process width in pixels (> 0).")
+    if K is not None and (int(K) != K or K < 1):
+        raise ParameterError(f"K={K!r}: give None or a positive integer upper bound on the number of components.")
+    if int(nb) != nb or nb < 1:
+        raise ParameterError(f"nb={nb!r}: the background rank must be an integer >= 1.")
+    tsub = max(1, T // 1000) if tsub is None else int(tsub)
+    if tsub < 1 or T // tsub < max(4 * smooth, 20):
+        raise ParameterError(f"tsub={tsub!r}: leaves {T // max(tsub, 1)} frames to search; use a smaller tsub.")
+    dtype = Y.dtype
+    min_pixels = int(max(6, round(4 * width))) if min_pixels is None else int(min_pixels)
+    sep = max(1, int(round(width)))
+    kernel = jnp.asarray(gaussian_kernel1d(4.0 * width), dtype)
+    blur = jnp.asarray(gaussian_kernel1d(0.5 * width, truncate=2.0), dtype)
+
+    # (1) whitened, high-passed, binned movie Z (d, Tb)
+    median = jnp.median(Y, axis=0)
+    Xb = highpass_movie(_bin_frames(Y, tsub), median, kernel)
+    Tb = Xb.shape[0]
+    Xb = Xb.reshape(Tb, d).T
+    sn = estimate_noise(Xb)
+    sn = jnp.where(sn > 0, sn, jnp.maximum(jnp.median(sn), 1e-12))
+    Z = Xb / sn[:, None]
+    del Xb
+    thr = default_peak_threshold(d * Tb / smooth) if peak_snr is None else float(peak_snr)
+
+    # (2) rounds of event-triggered candidates
+    exhausted = jnp.zeros(d, bool)
+    known = jnp.zeros(d, bool)
+    half = max(1, int(round(1.5 * width)))
+    kept_a, kept_c, kept_peak = [], [], []
+    R = Z + 0.0
+    k_max = K if K is not None else d
+    for _ in range(max_rounds):
+        a, c, peak, seeds = _candidates(R, exhausted, known, thr, z, blur, shape=(H, W), n_seeds=n_seeds,
+                                        n_iter=n_iter, smooth=smooth, sep=sep, half=half)
+        a, c, peak, seeds = (np.asarray(x) for x in (a, c, peak, seeds))
+        new = []
+        bad = []
+        for j in np.argsort(-peak, kind="stable"):
+            if peak[j] <= 0 or len(kept_a) + len(new) >= k_max:
+                continue
+            sup = a[:, j] > 0
+            if sup.sum() < min_pixels or not np.any(c[j] > 0):
+                bad.append(seeds[j])
+                continue
+            if _duplicate(a[:, j], c[j], kept_a + [a[:, i] for i in new], kept_c + [c[i] for i in new], dup_corr):
+                bad.append(seeds[j])
+                continue
+            new.append(j)
+        if bad:
+            exhausted = exhausted.at[jnp.asarray(np.asarray(bad, np.int32))].set(True)
+        if not new:
+            if not bad:
+                break
+            continue
+        idx = np.asarray(new)
+        R = _subtract(R, jnp.asarray(a[:, idx]), jnp.asarray(c[idx]))
+        for j in new:
+            kept_a.append(a[:, j])
+            kept_c.append(c[j])
+            kept_peak.append(peak[j])
+        exhausted = exhausted.at[jnp.asarray(seeds[idx])].set(True)
+        known = known | jnp.asarray(np.any(a[:, idx] > 0, axis=1))
+        if len(kept_a) >= k_max:
+            break
+    del R
+
+    median_flat = median.reshape(d)
+    if not kept_a:
+        A = jnp.zeros((d, 0), dtype)
+        C = jnp.zeros((0, T), dtype)
+        M = Y.reshape(T, d).T
+        b, f = background_hals(M, jnp.maximum(median_flat, 0.0)[:, None] * jnp.ones((1, nb), dtype) / nb,
+                               jnp.ones((nb, T), dtype), n_iter=int(n_iter_background))
+        return InitResult(A=A, C=C, b=b, f=f, centers=jnp.zeros((0, 2), jnp.float32), median=median,
+                          psnr=jnp.zeros((0,), jnp.float32))
+
+    # (3) joint refinement on Z, each footprint within a band around its support
+    Az = jnp.asarray(np.stack(kept_a, 1), dtype)
+    Cz = jnp.asarray(np.stack(kept_c, 0), dtype)
+    support = jnp.asarray(_dilate_cross(np.stack(kept_a, 1) > 0, (H, W), 1))
+    Az, Cz = _hals_supported(Z, Az, Cz, support, int(n_iter_joint))
+    del Z
+    A = Az * sn[:, None]  # back to movie units (of the high-passed movie)
+    na = jnp.sqrt(jnp.sum(A * A, axis=0))
+    keep = np.flatnonzero(np.asarray(na) > 0)
+    A = A[:, keep] / na[keep][None, :]
+    psnr = np.asarray(kept_peak, np.float32)[keep]
+
+    # (4) full-rate traces and background
+    AtR = _project_frames(Y, median, kernel, A, chunk_frames)
+    AtA = A.T @ A
+    C0 = jnp.maximum(AtR, 0.0)
+    C = _hals_traces(AtR, AtA, C0 / jnp.maximum(jnp.diag(AtA), 1e-12)[:, None], 10)
+    M = Y.reshape(T, d).T - A @ C
+    b0 = jnp.maximum(median_flat, 0.0)[:, None] * jnp.linspace(1.0, 0.5, nb, dtype=dtype)[None, :]
+    f0 = jnp.ones((nb, T), dtype) + 0.1 * (jnp.arange(nb) > 0)[:, None] * jnp.cos(jnp.linspace(0, 3.0, T, dtype=dtype))
+    b, f = background_hals(M, b0, f0, n_iter=int(n_iter_background))
+    order = np.argsort(-psnr, kind="stable")
+    A, C, psnr = A[:, order], C[order], psnr[order]
+    return InitResult(A=A, C=C, b=b, f=f, centers=jnp.asarray(_centres(np.asarray(A), H, W)), median=median,
+                      psnr=jnp.asarray(psnr))
+
+
+def _project_frames(Y, median, kernel, A, chunk_frames: int) -> jax.Array:
+    """A' (high-passed Y) over all frames, (K, T), in equal chunks (the last one overlapping) to bound memory."""
+    T = Y.shape[0]
+    L = min(int(chunk_frames), T)
+    out = []
+    done = 0
+    while done < T:
+        start = min(done, T - L)
+        part = _project_chunk(Y[start : start + L], median, kernel, A)
+        out.append(part[:, done - start :])
+        done = start + L
+    return jnp.concatenate(out, axis=1)
+
+
+def _duplicate(a, c, kept_a, kept_c, thr) -> bool:
+    """True when (a, c) overlaps a kept footprint whose trace correlates with c above `thr`."""
+    if not kept_a:
+        return False
+    sup = a > 0
+    for ka, kc in zip(kept_a, kept_c):
+        if not np.any(sup & (ka > 0)):
+            continue
+        x, y = c - c.mean(), kc - kc.mean()
+        den = math.sqrt(float(x @ x) * float(y @ y))
+        if den > 0 and float(x @ y) / den > thr:
+            return True
+    return False
+
+
+def _centres(A: np.ndarray, H: int, W: int) -> np.ndarray:
+    """(K, 2) float32 centre of mass (row, col) of each column of A (d, K)."""
+    rows, cols = np.divmod(np.arange(H * W), W)
+    tot = np.maximum(A.sum(0), 1e-30)
+    return (np.stack([rows @ A, cols @ A], 1) / tot[:, None]).astype(np.float32).reshape(-1, 2)
