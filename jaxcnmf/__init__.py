@@ -44,6 +44,7 @@ _LAZY = {
     "greedy_init": "init",
     "sparse_nmf_init": "init",
     "InitResult": "init",
+    "dendrite_init": "dendrites",
     "update_spatial": "spatial",
     "search_areas": "spatial",
     "cleanup_footprints": "spatial",
