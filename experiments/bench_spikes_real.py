@@ -15,6 +15,11 @@ Protocols (each applied identically to both tools):
   jaxcnmf: estimate_noise/estimate_ar with that band; OASIS: GetSn with that band, then its own g estimate with
   that sn (estimate_time_constant, lags 10, fudge 0.98).
 - `shared`: OASIS is given jaxcnmf's `band` g and sn (the two solvers on identical problems).
+- `freeb`: as `own`, but OASIS's baseline may be negative (`b_nonneg=False`), as jaxcnmf's always may: the same
+  optimisation problem on both sides (OASIS's default keeps b >= 0, so it does not meet the noise constraint on
+  traces that dip below their baseline, and ends up sparser).
+- `detrend`: as `own` on traces minus a slow baseline (Gaussian smoothing over 0.1 s, then a running minimum and a
+  running maximum over 30 s: a max-min envelope that follows slow drift but not transients).
 
 Run from the repository root: `python experiments/bench_spikes_real.py [--sets DS01,spikefinder4] [--p 1,2]
 [--protocols own,band,shared] [--no-record]`. Appends rows to experiments/RESULTS.md.
@@ -23,6 +28,7 @@ Run from the repository root: `python experiments/bench_spikes_real.py [--sets D
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import sys
 import time
@@ -56,6 +62,19 @@ def effective_band(y: np.ndarray, floor: float = 1e-4) -> tuple[float, float]:
     return (f_eff / 2, f_eff)
 
 
+def detrended(recs: list[Recording], window_s: float = 30.0, smooth_s: float = 0.1) -> list[Recording]:
+    """Each trace minus its slow baseline: running max of the running min of the Gaussian-smoothed trace."""
+    from scipy.ndimage import gaussian_filter1d, maximum_filter1d, minimum_filter1d
+
+    out = []
+    for r in recs:
+        w = max(3, int(round(window_s * r.fps)))
+        smooth = gaussian_filter1d(r.y, max(smooth_s * r.fps, 0.5), mode="nearest")
+        base = maximum_filter1d(minimum_filter1d(smooth, w, mode="nearest"), w, mode="nearest")
+        out.append(dataclasses.replace(r, y=r.y - base))
+    return out
+
+
 def padded(recs: list[Recording]) -> tuple[np.ndarray, np.ndarray]:
     """(N, T) float32 traces padded with zeros after each length, and the lengths."""
     lengths = np.array([r.y.size for r in recs])
@@ -70,7 +89,7 @@ def kinetics_ours(recs, p: int, protocol: str):
     from jaxcnmf.noise import estimate_ar, estimate_noise
 
     Y, lengths = padded(recs)
-    bands = [effective_band(r.y) if protocol != "own" else (0.25, 0.5) for r in recs]
+    bands = [effective_band(r.y) if protocol in ("band", "shared") else (0.25, 0.5) for r in recs]
     sn = np.zeros(len(recs), np.float32)
     for band in sorted(set(bands)):
         rows = np.array([i for i, b in enumerate(bands) if b == band])
@@ -101,8 +120,10 @@ def run_oasis(recs, p: int, protocol: str, shared=None, s_min: float = 0.0):
         for i, r in enumerate(recs):
             y = r.y.astype(np.float64)
             kw = {"s_min": s_min} if s_min > 0 else {}
-            if protocol == "own":
+            if protocol in ("own", "detrend"):
                 res = deconvolve(y, g=(None,) * p, penalty=1, **kw)
+            elif protocol == "freeb":
+                res = deconvolve(y, g=(None,) * p, penalty=1, b_nonneg=False, **kw)
             elif protocol == "band":
                 sn = GetSn(y, range_ff=list(effective_band(r.y)))
                 g = estimate_time_constant(y, p, sn, lags=10, fudge_factor=0.98)
@@ -130,7 +151,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="", help="comma-separated substrings of data-set names (default: all)")
     ap.add_argument("--p", default="1,2", help="AR orders to run (default 1,2)")
-    ap.add_argument("--protocols", default="own,band,shared", help="subset of own,band,shared")
+    ap.add_argument("--protocols", default="own,band,shared,freeb,detrend",
+                    help="subset of own,band,shared,freeb,detrend")
     ap.add_argument("--s-min", type=float, default=0.0, help="minimum spike size for both tools (default 0)")
     ap.add_argument("--no-record", action="store_true", help="do not append to experiments/RESULTS.md")
     args = ap.parse_args(argv)
@@ -145,13 +167,20 @@ def main(argv=None) -> int:
     header = f"{'data set':24s} {'n':>3s} {'fps':>6s} {'bin ms':>6s} {'p':>2s} {'protocol':>8s} {'jaxcnmf':>8s} " \
              f"{'OASIS':>8s} {'ours-OASIS':>10s} {'t_ours s':>8s} {'t_OASIS s':>9s}"
     print(header)
-    for name, recs in sets:
-        fps = float(np.median([r.fps for r in recs]))
+    for name, raw in sets:
+        fps = float(np.median([r.fps for r in raw]))
         width = bin_width(fps) * 1000
         for p in orders:
             shared = None
             for protocol in protocols:
-                if protocol == "shared":
+                recs = detrended(raw) if protocol == "detrend" else raw
+                if protocol == "freeb":
+                    r_ours, t_ours = rows_lookup(rows, name, p, "own"), float("nan")
+                    if np.isnan(r_ours):
+                        S_j, t_ours, _ = run_ours(recs, p, "own", args.s_min)
+                        r_ours = median_corr(recs, S_j)
+                    S_o, t_o = run_oasis(recs, p, "freeb", None, args.s_min)
+                elif protocol == "shared":
                     if shared is None:
                         S_j, t_ours, shared = run_ours(recs, p, "band", args.s_min)
                         r_ours = median_corr(recs, S_j)
