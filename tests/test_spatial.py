@@ -68,6 +68,17 @@ def test_constrained_update_matches_exact_solver(tiny):
     assert np.all(A1[~search] == 0) and A1.min() >= 0 and b1.min() >= 0
 
 
+def test_default_iterations_in_float32_are_close_to_exact(tiny):
+    Y, A, C, b, f, sn = tiny
+    search = A > 0
+    A1, _ = update_spatial(Y.astype(np.float32), 0.5 * A, C, b, f, sn, search=search)
+    A1 = np.asarray(A1, np.float64)
+    for i in range(H * W):
+        s = np.flatnonzero(search[i])
+        obj_ref = _reference_pixel(Y[i], C[s], f, sn[i] ** 2 * T)[: len(s)].sum()
+        assert abs(A1[i, s].sum() - obj_ref) <= 1e-2 * max(1.0, obj_ref), (i, A1[i, s].sum(), obj_ref)
+
+
 def test_hals_matches_nnls(tiny):
     Y, A, C, b, f, sn = tiny
     search = A > 0
