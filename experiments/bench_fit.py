@@ -138,7 +138,8 @@ def part_sim(args) -> dict:
 
 
 def part_real(args) -> dict:
-    from jaxcnmf.cli.demo import correlation_image, summary_figure
+    from jaxcnmf.cli.demo import summary_figure
+    from jaxcnmf.plot import local_correlation_image
     from jaxcnmf.fit import fit
     from jaxcnmf.io import load_movie
     from jaxcnmf.metrics import load_regions, match_footprints
@@ -159,7 +160,7 @@ def part_real(args) -> dict:
     m_all = match_footprints(np.asarray(res.A), regions)
     os.makedirs(OUT, exist_ok=True)
     fig = os.path.join(OUT, "fit_neurofinder.png")
-    summary_figure(fig, correlation_image(movie), np.asarray(res.A), regions.astype(np.float32), accepted=acc,
+    summary_figure(fig, local_correlation_image(movie), np.asarray(res.A), regions.astype(np.float32), accepted=acc,
                    title=f"neurofinder_tr: {acc.sum()} accepted of {res.n_components}; F1 {m.f1:.2f} "
                          f"(P {m.precision:.2f}, R {m.recall:.2f}) vs {regions.shape[0]} labels")
     row = dict(n_labels=int(regions.shape[0]), n_accepted=int(acc.sum()), n_all=res.n_components,

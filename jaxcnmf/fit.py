@@ -19,7 +19,7 @@ from ._version import __version__
 from .errors import MovieError, ParameterError
 from .result import Result
 
-DEFAULT_FPS = 30.0  # used only where seconds matter (quality's time scales) when the frame rate is unknown
+DEFAULT_FPS = 30.0  # a nominal frame rate for callers that need one when the true rate is unknown (not used by fit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +31,8 @@ class Params:
     - `neuron_radius`: expected soma radius in pixels (CaImAn `gSig`, which is about the radius). Sets the blur and
       window of the greedy initialisation and the size of the spatial search areas.
     - `fps`: frame rate in Hz (CaImAn `fr`). Kinetics are estimated from the data in frames, so `fps` only enters
-      the quality rule's time scales and the result's metadata; when unknown, `DEFAULT_FPS` (30 Hz) is used there
-      and `Result.params["fps"]` stays `None`.
+      the quality rule's time scales (how many frames a transient must last; frame-count defaults when unknown) and
+      the result's metadata (`Result.params["fps"]` stays `None` when unknown; scoring then bins spikes per frame).
     - `K`: optional upper bound on the number of components (CaImAn `K`); by default the initialisation stops by itself
       when a new component no longer explains more than noise, with `default_max_components` (half the field tiled
       by neuron discs) as a safeguard against runaway initialisations on unusual data (the progress line says so
@@ -40,9 +40,13 @@ class Params:
     - `p`: order of the AR model of the calcium (CaImAn `p`): 1 (instant rise) or 2 (rise and decay).
     - `nb`: number of background components (CaImAn `gnb`).
     - `merge_thr`: trace correlation above which overlapping components are merged (CaImAn `merge_thr`).
+    - `mixture_thr`: a component whose trace is explained (variance fraction above this) by a non-negative
+      combination of the traces of the components overlapping it is a mixture of its neighbours and is dropped
+      between iterations (`merge.mixture_components`; no CaImAn equivalent; 1 disables it).
     - `min_snr`, `rval_thr`: the acceptance rule's thresholds on the trace SNR and the spatial correlation
       (CaImAn `min_SNR`, `rval_thr`); see `quality.evaluate_components` for the exact rule.
-    - `n_iter`: outer iterations of spatial -> background -> temporal updates (merging between iterations).
+    - `n_iter`: outer iterations of spatial -> background -> temporal updates (merging between iterations); 3 by
+      default: on simulated movies a third iteration removes mixtures that two leave (see experiments/RESULTS.md).
     - `init`: "greedy" (somata, CaImAn `method_init="greedy_roi"`) or "sparse_nmf" (dendrites/axons, CaImAn
       `method_init="sparse_nmf"`); "sparse_nmf" also makes the spatial update non-compact (search areas follow each
       footprint's shape, no clean-up to one connected blob).
@@ -62,9 +66,10 @@ class Params:
     p: int = 2
     nb: int = 1
     merge_thr: float = 0.85
+    mixture_thr: float = 0.8
     min_snr: float = 2.5
     rval_thr: float = 0.8
-    n_iter: int = 2
+    n_iter: int = 3
     init: str = "greedy"
     spatial_method: str = "constrained"
     temporal_sweeps: int = 1
@@ -118,6 +123,8 @@ def check_params(prm: Params) -> None:
         bad("nb", "expected at least one background component")
     if not _is_real(prm.merge_thr) or not -1 <= prm.merge_thr <= 1:
         bad("merge_thr", "expected a correlation in [-1, 1] (use 1 to disable merging)")
+    if not _is_real(prm.mixture_thr) or not 0 <= prm.mixture_thr <= 1:
+        bad("mixture_thr", "expected a fraction of variance in [0, 1] (use 1 to keep mixtures)")
     for name in ("min_snr", "rval_thr", "s_min"):
         if not _is_real(getattr(prm, name)):
             bad(name, "expected a finite number")
@@ -258,8 +265,10 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
     Pipeline (each stage a public function): per-pixel noise (`noise.estimate_noise_movie`) -> initialisation
     (`init.greedy_init`, or `init.sparse_nmf_init` with `init="sparse_nmf"`) -> `n_iter` times [footprints
     (`spatial.update_spatial`, then `spatial.cleanup_footprints`) -> background (`background.update_background`) ->
-    traces and kinetics (`temporal.update_temporal`) -> merging of split components (`merge.merge_components`, between
-    iterations, so the last traces are freshly deconvolved)] -> quality (`quality.evaluate_components`).
+    traces and kinetics (`temporal.update_temporal`) -> between iterations, removal of mixtures of neighbours
+    (`merge.mixture_components`) and merging of split components (`merge.merge_components`), so the last traces
+    are freshly deconvolved)] -> a last mixture check (with a temporal refit when one is dropped) -> quality
+    (`quality.evaluate_components`).
     Empty or degenerate components (zero footprint or trace, non-finite values) are dropped after every stage.
     Inputs are checked before any heavy work. Deterministic for a fixed `seed`.
 
@@ -286,7 +295,7 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
     name = source.path or "movie"
     check_movie_shape(tuple(source.shape), prm, name)
     T, H, W = source.shape
-    prog = Progress(progress, n_stages=3 + 4 * prm.n_iter)
+    prog = Progress(progress, n_stages=5 + 4 * prm.n_iter)
 
     Y = np.asarray(source.read(), np.float32)
     prog.done("read movie", f"{T} frames of {H}x{W}")
@@ -310,7 +319,7 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
 
     from .background import update_background
     from .init import greedy_init, sparse_nmf_init
-    from .merge import degenerate_components, merge_components
+    from .merge import degenerate_components, merge_components, mixture_components
     from .noise import estimate_noise_movie
     from .quality import evaluate_components
     from .spatial import cleanup_footprints, update_spatial
@@ -319,7 +328,6 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     prog = prog or Progress(False, 1)
     T, H, W = Y.shape
     d = H * W
-    fps_eff = prm.fps if prm.fps is not None else DEFAULT_FPS
     radius = float(prm.neuron_radius)
     compact = prm.init == "greedy"  # somata: disk search areas, one connected blob; dendrites: shape-following
 
@@ -361,17 +369,31 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
         A, C = A[:, keep], C[keep]
         tr = _take_temporal(tr, keep)
         prog.done(f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
-        if it < prm.n_iter - 1 and prm.merge_thr < 1 and A.shape[1] > 1:
-            mr = merge_components(A, C, thr=prm.merge_thr)
-            A, C = mr.A, mr.C
-            prog.done(f"merge {it + 1}/{prm.n_iter}", f"{len(mr.groups)} merges, {A.shape[1]} components")
+        if it < prm.n_iter - 1 and A.shape[1] > 1:
+            keep = np.flatnonzero(~mixture_components(A, C, thr=prm.mixture_thr))
+            n_mix = A.shape[1] - keep.size
+            A, C = A[:, keep], C[keep]
+            mr = merge_components(A, C, thr=prm.merge_thr) if prm.merge_thr < 1 else None
+            if mr is not None:
+                A, C = mr.A, mr.C
+            prog.done(f"merge {it + 1}/{prm.n_iter}", f"{0 if mr is None else len(mr.groups)} merges, {n_mix} "
+                      f"mixtures dropped, {A.shape[1]} components")
         else:
             prog.done(f"merge {it + 1}/{prm.n_iter}", "skipped")
 
     if A.shape[1] == 0 or tr is None:
         return empty_result((T, H, W), prm, sn=sn, b=b, f=f)
+    mixed = mixture_components(A, C, thr=prm.mixture_thr)
+    if mixed.any():  # the last iteration's traces can reveal mixtures: drop them and refit the remaining traces
+        keep = np.flatnonzero(~mixed)
+        A, C = A[:, keep], C[keep]
+        tr = update_temporal(Yr, A, C, b, f, g=tr.g[keep], p=prm.p, n_sweeps=prm.temporal_sweeps, lam=prm.lam,
+                             s_min=prm.s_min)
+        C, f = tr.C, tr.f
+    prog.done("final check", f"{int(mixed.sum())} mixtures dropped")
 
-    q = evaluate_components(Yr, A, C, b, f, sn_flat, tr.YrA, fps=fps_eff, min_snr=prm.min_snr, rval_thr=prm.rval_thr)
+    q = evaluate_components(Yr, A, C, b, f, sn_flat, tr.YrA, fps=prm.fps, min_snr=prm.min_snr,
+                            rval_thr=prm.rval_thr, shape=(H, W), radius=radius)
     snr, r_value, accepted = (np.asarray(x) for x in (q.snr, q.r_value, q.accepted))
     order = np.lexsort((-np.nan_to_num(snr, nan=-np.inf), ~accepted.astype(bool)))
     prog.done("quality", f"{int(accepted.sum())} of {len(accepted)} accepted")

@@ -176,3 +176,56 @@ def degenerate_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, rel
             np.where(np.isfinite(C), C, 0), axis=1)
     top = size.max(initial=0.0)
     return ~finite | (size <= rel_tol * top) | (size <= 0)
+
+
+def explained_fraction(c: np.ndarray, others: np.ndarray) -> float:
+    """How much of a trace's variance a non-negative combination of other traces explains: `1 - ||c - w'X||^2 /
+    ||c - mean c||^2` with `w >= 0` the exact non-negative least-squares weights (scipy `nnls`).
+
+    **Arguments:**
+
+    - `c`: `(T,)` trace; `others`: `(n, T)` traces (n may be 0).
+
+    **Returns:** the fraction (<= 1; 0 when `others` is empty or `c` is constant).
+    """
+    from scipy.optimize import nnls
+
+    c = np.asarray(c, np.float64)
+    tot = float(((c - c.mean()) ** 2).sum())
+    if others.shape[0] == 0 or tot <= 0:
+        return 0.0
+    w, _ = nnls(np.asarray(others, np.float64).T, c)
+    r = c - w @ others
+    return 1.0 - float((r**2).sum()) / tot
+
+
+def mixture_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, thr: float = 0.8) -> np.ndarray:
+    """Which components are mixtures of their neighbours: a trace explained (`explained_fraction > thr`) by a
+    non-negative combination of the traces of the components whose footprints overlap it.
+
+    Such a component (typically a start placed between two overlapping neurons) carries no activity of its own.
+    Components are visited from the weakest (smallest `||a_k|| ||c_k||`) up, and one found to be a mixture is removed
+    before the next is tested, so of two components explaining each other only the weaker goes. Host-side (numpy).
+
+    **Arguments:**
+
+    - `A`: `(d, K)` footprints; `C`: `(K, T)` traces.
+    - `thr`: explained-variance fraction above which a component counts as a mixture (1 disables the test).
+
+    **Returns:** `(K,)` bool numpy array, True for mixtures.
+    """
+    A = np.asarray(A)
+    C = np.asarray(C, np.float64)
+    K = A.shape[1]
+    out = np.zeros(K, bool)
+    if K < 2 or thr >= 1:
+        return out
+    support = (A > 0).astype(np.float32)
+    overlap = (support.T @ support) > 0
+    np.fill_diagonal(overlap, False)
+    size = np.linalg.norm(A, axis=0) * np.linalg.norm(C, axis=1)
+    for k in np.argsort(size, kind="stable"):
+        nbrs = np.flatnonzero(overlap[k] & ~out)
+        if nbrs.size and explained_fraction(C[k], C[nbrs]) > thr:
+            out[k] = True
+    return out

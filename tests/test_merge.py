@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnmf.merge import degenerate_components, merge_components, merge_groups, rank1_nmf
+from jaxcnmf.merge import degenerate_components, merge_components, merge_groups, mixture_components, rank1_nmf
 
 
 def _blob(H, W, r, c, s):
@@ -81,3 +81,18 @@ def test_degenerate_components():
     A[3, 3] = np.nan
     np.testing.assert_array_equal(degenerate_components(A, C), [False, True, True, True])
     assert degenerate_components(np.zeros((5, 0)), np.zeros((0, 7))).shape == (0,)
+
+
+def test_mixture_of_two_overlapping_neurons_is_flagged():
+    rng = np.random.default_rng(3)
+    H = W = 24
+    T = 400
+    a1, a2 = _blob(H, W, 10, 8, 2.5), _blob(H, W, 10, 14, 2.5)
+    mid = _blob(H, W, 10, 11, 2.5)  # a start placed between the two
+    c1, c2 = _spikes(rng, T), _spikes(rng, T)
+    A = np.stack([a1.ravel(), mid.ravel(), a2.ravel(), _blob(H, W, 20, 20, 2).ravel()], axis=1)
+    C = np.stack([c1, 0.4 * c1 + 0.6 * c2 + 0.01 * rng.normal(size=T), c2, _spikes(rng, T)])
+    np.testing.assert_array_equal(mixture_components(A, C), [False, True, False, False])
+    # two overlapping independent neurons are both kept, and thr=1 disables the test
+    assert not mixture_components(A[:, [0, 2]], C[[0, 2]]).any()
+    assert not mixture_components(A, C, thr=1.0).any()

@@ -20,34 +20,6 @@ SIZES = {
 }
 
 
-def correlation_image(movie: np.ndarray) -> np.ndarray:
-    """Local correlation image: each pixel's mean correlation with its 4 neighbours over time (a standard summary).
-
-    **Arguments:**
-
-    - `movie`: `(T, H, W)` array.
-
-    **Returns:** `(H, W)` float32 image in [-1, 1].
-    """
-    Y = np.asarray(movie, np.float32)
-    Y = Y - Y.mean(axis=0)
-    sd = np.sqrt((Y**2).mean(axis=0))
-    Z = Y / np.where(sd > 0, sd, 1.0)
-    acc = np.zeros(Z.shape[1:], np.float32)
-    cnt = np.zeros(Z.shape[1:], np.float32)
-    for axis in (1, 2):
-        prod = (Z * np.roll(Z, -1, axis=axis)).mean(axis=0)
-        valid = np.ones_like(prod, bool)
-        if axis == 1:
-            valid[-1, :] = False
-        else:
-            valid[:, -1] = False
-        prod = np.where(valid, prod, 0.0)
-        acc += prod + np.roll(prod, 1, axis=axis - 1)
-        cnt += valid + np.roll(valid, 1, axis=axis - 1)
-    return (acc / np.maximum(cnt, 1)).astype(np.float32)
-
-
 def summary_figure(path: str, image: np.ndarray, A_est: np.ndarray, A_true: np.ndarray | None = None, *,
                    accepted: np.ndarray | None = None, traces: list | None = None, title: str = "",
                    threshold: float = 0.3) -> bool:
@@ -124,6 +96,7 @@ def run(args) -> int:
     from ..fit import fit
     from ..io import save_result
     from ..metrics import score_result
+    from ..plot import local_correlation_image
     from ..sim import save_truth, simulate
 
     os.makedirs(args.out, exist_ok=True)
@@ -161,7 +134,7 @@ def run(args) -> int:
     fig_path = os.path.join(args.out, "summary.png")
     pairs = np.asarray(scores.get("pairs", []), int).reshape(-1, 2)
     traces = [(f"est {e} / true {t}", np.asarray(result.C[e]), truth.C[t]) for e, t in pairs[:4]]
-    drawn = summary_figure(fig_path, correlation_image(movie), np.asarray(result.A), truth.A,
+    drawn = summary_figure(fig_path, local_correlation_image(movie), np.asarray(result.A), truth.A,
                            accepted=None if result.accepted is None else np.asarray(result.accepted),
                            traces=traces, title=f"jaxcnmf demo: F1 {scores['f1']:.2f}")
     print(f"\nwrote {res_path}, {os.path.join(args.out, 'truth.npz')}, {scores_path}"

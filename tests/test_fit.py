@@ -1,0 +1,147 @@
+"""The fit driver end to end: accuracy on a small simulated movie with K not given, bad inputs caught before any heavy
+work, determinism, path == array, and the `jaxcnmf fit` / `jaxcnmf demo` commands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jaxcnmf
+from jaxcnmf.errors import MovieError, ParameterError
+from jaxcnmf.fit import Params, fit
+
+
+@pytest.fixture(scope="module")
+def small():
+    from jaxcnmf.sim import simulate
+
+    return simulate(seed=1, shape=(40, 40), n_frames=400, n_neurons=5, peak_snr=5.0)
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Make any stage after input checking fail loudly, to prove errors are raised before heavy work."""
+    import jaxcnmf.fit as fit_mod
+
+    def boom(*a, **k):
+        raise AssertionError("heavy work started before the input was rejected")
+
+    monkeypatch.setattr(fit_mod, "fit_array", boom)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(neuron_radius=0), "neuron_radius"),
+        (dict(neuron_radius=-2.0), "neuron_radius"),
+        (dict(neuron_radius=None), "neuron_radius"),
+        (dict(neuron_radius=30.0), "does not fit"),
+        (dict(neuron_radius=3.0, fps=0.0), "fps"),
+        (dict(neuron_radius=3.0, fps=float("nan")), "fps"),
+        (dict(neuron_radius=3.0, K=0), "K"),
+        (dict(neuron_radius=3.0, p=3), "p="),
+        (dict(neuron_radius=3.0, not_a_knob=1), "unknown fit parameter"),
+    ],
+)
+def test_bad_parameters_are_clear_errors(kw, match, no_heavy_work):
+    movie = np.random.default_rng(0).random((100, 40, 40)).astype(np.float32)
+    with pytest.raises(ParameterError, match=match):
+        fit(movie, **kw)
+
+
+def test_short_and_nonfinite_movies_are_clear_errors(no_heavy_work):
+    with pytest.raises(MovieError, match="too short"):
+        fit(np.random.default_rng(0).random((15, 30, 30)).astype(np.float32), 3.0)
+    movie = np.random.default_rng(0).random((100, 30, 30)).astype(np.float32)
+    movie[7, 3, 4] = np.nan
+    with pytest.raises(MovieError):
+        fit(movie, 3.0)
+    with pytest.raises(MovieError):
+        fit("/nonexistent/movie.tif", 3.0)
+
+
+def test_all_zero_movie_gives_zero_components():
+    res = fit(np.zeros((60, 24, 24), np.float32), 3.0)
+    assert res.n_components == 0
+    assert res.A.shape == (0, 24, 24) and res.C.shape == (0, 60) and res.g.shape == (0, 2)
+    assert res.b.shape == (1, 24, 24) and res.f.shape == (1, 60) and res.sn.shape == (24, 24)
+    assert res.accepted.shape == (0,)
+
+
+def test_params_are_frozen_documented_and_round_trip():
+    prm = Params(neuron_radius=4.0)
+    with pytest.raises(Exception):
+        prm.p = 1  # frozen
+    d = prm.to_dict()
+    assert Params(**d) == prm
+    for name in d:
+        assert f"`{name}`" in Params.__doc__, name
+
+
+def test_accuracy_on_simulated_movie_with_k_not_given():
+    """64x64x1000, 12 neurons (some overlapping), AR(2), peak SNR 4, neuropil: the reduced version of issue 4's goal."""
+    from jaxcnmf.metrics import score_result
+    from jaxcnmf.sim import simulate
+
+    movie, truth = simulate(seed=0, shape=(64, 64), n_frames=1000, n_neurons=12, overlap=0.2, peak_snr=4.0,
+                            tau_rise=0.05, neuropil=0.3)
+    assert truth.g.shape[1] == 2
+    res = fit(movie, float(truth.params["radius"]), fps=truth.fps)
+    s = score_result(res, truth=truth, fps=truth.fps)
+    print({k: s[k] for k in ("n_true", "n_est", "precision", "recall", "f1", "calcium_corr_median",
+                             "spike_corr_median")})
+    assert s["f1"] >= 0.9
+    assert s["calcium_corr_median"] >= 0.9
+    assert s["spike_corr_median"] >= 0.7
+    # structure of the result
+    K = res.n_components
+    assert res.A.shape == (K, 64, 64) and res.C.shape == (K, 1000) and res.S.shape == (K, 1000)
+    assert np.allclose(np.linalg.norm(np.asarray(res.A).reshape(K, -1), axis=1), 1.0, atol=1e-4)
+    acc = np.asarray(res.accepted)
+    assert not np.any(np.diff(acc.astype(int)) > 0)  # accepted components first
+    S = np.asarray(res.S)
+    assert S.min() >= -1e-4 * S.max() and np.isfinite(np.asarray(res.C)).all()  # spikes >= 0 up to float32 rounding
+    assert res.params["neuron_radius"] == float(truth.params["radius"]) and res.version == jaxcnmf.__version__
+
+
+def _same(r1, r2):
+    a1, a2 = r1.arrays(), r2.arrays()
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        np.testing.assert_array_equal(a1[k], a2[k], err_msg=k)
+
+
+def test_deterministic_path_equals_array_and_cli_round_trip(small, tmp_path):
+    from jaxcnmf.cli import main
+    from jaxcnmf.io import load_result, save_movie
+
+    movie, truth = small
+    r1 = fit(movie, float(truth.params["radius"]), fps=truth.fps)
+    assert r1.n_components >= 1
+
+    path = str(tmp_path / "movie.tif")
+    save_movie(path, movie)
+    assert main(["fit", path, "--neuron-radius", str(float(truth.params["radius"])), "--fps", str(truth.fps),
+                 "--quiet"]) == 0
+    out = tmp_path / "movie_cnmf.h5"
+    assert out.exists()
+    _same(load_result(str(out)), r1)  # a second, independent fit from the file: deterministic and path == array
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["movie.tif", "movie_cnmf.h5"]
+
+
+def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
+    from jaxcnmf.cli import main
+
+    assert main(["fit", str(tmp_path / "missing.tif"), "--neuron-radius", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "jaxcnmf fit: error:" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_demo_small_writes_everything(tmp_path):
+    from jaxcnmf.cli import main
+
+    assert main(["demo", "--small", "--out", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"result.h5", "truth.npz", "scores.json"} <= names
