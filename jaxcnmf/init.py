@@ -125,10 +125,24 @@ def gaussian_blur(frames: jax.Array, kernel: jax.Array) -> jax.Array:
     return _taps_along(_taps_along(frames, k, -1), k, -2)
 
 
-def _mad_noise_of_differences(x: jax.Array, axis: int = 0) -> jax.Array:
-    """Robust noise sd from first differences: median(|diff|) / 0.6745 / sqrt(2) (white noise; transients are rare)."""
+def _mad_noise_of_differences(x: jax.Array, axis: int = 0, max_samples: int = 1000) -> jax.Array:
+    """Robust noise sd from first differences: median(|diff|) / 0.6745 / sqrt(2) (white noise; transients are rare).
+
+    The median is taken over at most `max_samples` evenly spaced differences (plenty for a noise level, and it keeps
+    the sort cheap on long movies).
+    """
     d = jnp.abs(jnp.diff(x, axis=axis))
+    d = _evenly_spaced(d, max_samples, axis)
     return jnp.median(d, axis=axis) / (0.6744897501960817 * math.sqrt(2.0))
+
+
+def _evenly_spaced(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
+    """At most n evenly spaced slices of x along `axis` (all of x when it is short enough)."""
+    L = x.shape[axis]
+    if L <= n:
+        return x
+    step = -(-L // n)
+    return lax.slice_in_dim(x, 0, L, stride=step, axis=axis)
 
 
 # --------------------------------------------------------------------------------------------------- rank-1 refinement
@@ -264,16 +278,29 @@ def _greedy_round(
 
 
 @partial(jax.jit, static_argnames=("pad", "n_smooth", "n_slow"))
-def _prepare(Y, g, box, *, pad, n_smooth, n_slow):
-    """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps."""
-    median = jnp.median(Y, axis=0)
+def _filter_and_pad(Y, median, g, box, *, pad, n_smooth, n_slow):
+    """Padded residual R = Y - median, its padded filtered version B, energy and peak maps of B, and |diff(B)| at
+    up to 1000 evenly spaced frames (for the noise level, whose median is taken on the host)."""
     R = Y - median
     B = score_filter(R, g, box)
-    sn_b = jnp.maximum(_mad_noise_of_differences(B, axis=0), jnp.finfo(Y.dtype).tiny)
     padw = ((0, 0), (pad, pad), (pad, pad))
     Ep = jnp.pad(jnp.sum(B * B, axis=0), pad)
     Pp = jnp.pad(_peak_above_slow(B, n_smooth, n_slow), pad)
-    return median, jnp.pad(R, padw), jnp.pad(B, padw), sn_b, Ep, Pp
+    dB = _evenly_spaced(jnp.abs(jnp.diff(B, axis=0)), 1000, 0)
+    return jnp.pad(R, padw), jnp.pad(B, padw), Ep, Pp, dB
+
+
+def _prepare(Y, g, box, *, pad, n_smooth, n_slow):
+    """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps.
+
+    Medians run on the host (numpy's selection is many times faster than a sort on XLA's CPU backend): the median
+    image over at most 1000 evenly spaced frames, B's noise as median(|diff B|) / 0.6745 / sqrt 2.
+    """
+    median = jnp.asarray(np.median(np.asarray(_evenly_spaced(Y, 1000, 0)), axis=0), Y.dtype)
+    Rp, Bp, Ep, Pp, dB = _filter_and_pad(Y, median, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow)
+    sn_b = np.median(np.asarray(dB), axis=0) / (0.6744897501960817 * math.sqrt(2.0))
+    sn_b = np.maximum(sn_b, np.finfo(np.dtype(Y.dtype)).tiny)
+    return median, Rp, Bp, sn_b, Ep, Pp
 
 
 def _cumsum0(x: jax.Array) -> jax.Array:
@@ -432,7 +459,7 @@ def greedy_init(
 
     Algorithm (MATH.md, "Greedy initialisation"):
 
-    1. R = Y minus each pixel's temporal median; B = R with every frame filtered by a Gaussian of sd `sigma` minus
+    1. R = Y minus each pixel's temporal median (over at most 1000 evenly spaced frames); B = R with every frame filtered by a Gaussian of sd `sigma` minus
        its mean over a (2 window + 1)^2 square (`score_kernels`: a centre-surround filter, so smooth background and
        neuropil fluctuations do not look like neurons).
     2. Per pixel: energy E = sum_t B^2, noise s = robust sd of B's first differences / sqrt 2, and peak-to-noise
