@@ -153,7 +153,8 @@ def out_of_core(args):
 
 
 def scaling(args):
-    """Time of `fit_patches` vs frames (3 lengths) and vs pixels (3 sizes); each timed after a compiling run."""
+    """Time of `fit_patches` vs frames (3 lengths) and vs pixels (3 sizes); each timed on a second run of the same
+    shape, so compilation (once per shape) is left out."""
     from jaxcnmf.patches import fit_patches
 
     kw = dict(fps=30.0, patch_size=args.patch, overlap=args.overlap)
@@ -165,10 +166,9 @@ def scaling(args):
         times_t.append(_timed(fit_patches, movie, args.radius, **kw)[1])
     sizes = [side, int(side * 1.5), side * 2]
     times_p = []
-    for i, s in enumerate(sizes):
+    for s in sizes:
         movie, _ = _sim(s, frames[0], seed=4, radius=args.radius)
-        if i == 0:
-            fit_patches(movie, args.radius, **kw)
+        fit_patches(movie, args.radius, **kw)  # compile the whole-field passes for this size
         times_p.append(_timed(fit_patches, movie, args.radius, **kw)[1])
     et, ep = _slope(frames, times_t), _slope(np.square(sizes), times_p)
     res = (f"frames {frames} at {side}x{side}: {', '.join(f'{t:.1f}' for t in times_t)} s, exponent {et:.2f}; "
@@ -209,7 +209,8 @@ def devices(args):
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
     res = (f"{s}x{s}x{args.frames // 4}: 1 device {out['1']:.1f} s, 2 devices {out['2']:.1f} s "
            f"(ratio {out['1'] / out['2']:.2f}x; K {out['K1']} vs {out['K2']}); CPU host devices share the 2 cores")
-    _row("scale: 1 vs 2 devices (fit_patches)", res, "python experiments/bench_scale.py --sections devices", args.append)
+    _row("scale: 1 vs 2 devices (fit_patches)", res, "python experiments/bench_scale.py --sections devices",
+         args.append)
 
 
 def dask_vs_local(args):

@@ -173,7 +173,8 @@ def check_patch_geometry(shape, patch_size, overlap, neuron_radius) -> None:
         raise ParameterError(f"overlap={overlap!r} must be smaller than patch_size={patch_size!r}")
     if np.any(np.minimum(ps, shape) < 4 * diameter):
         raise ParameterError(f"patch_size={patch_size!r}: a patch must be at least 4 neuron diameters wide "
-                             f"({int(math.ceil(4 * diameter))} px for neuron_radius={neuron_radius}); use larger patches")
+                             f"({int(math.ceil(4 * diameter))} px for neuron_radius={neuron_radius}); "
+                             f"use larger patches")
     if np.any((ov < diameter) & (np.asarray(ps) < np.asarray(shape))):
         raise ParameterError(f"overlap={overlap!r}: neighbouring patches must share at least one neuron diameter "
                              f"({int(math.ceil(diameter))} px) so that every neuron lies whole in some patch")
@@ -831,8 +832,9 @@ def _take(tr, keep):
 
 def _quality_by_window(source, A, tr, b, f, sn, prm, boxes, chunk_frames):
     """`quality.evaluate_components` per patch window, each component scored in the window owning its centre."""
-    from .fit import DEFAULT_FPS, center_of_mass
+    from .fit import center_of_mass
     from .quality import evaluate_components
+    from .temporal import bucket
 
     T, H, W = source.shape
     K = A.shape[1]
@@ -846,7 +848,6 @@ def _quality_by_window(source, A, tr, b, f, sn, prm, boxes, chunk_frames):
     A3 = A.T.reshape(K, H, W)
     b3 = b.T.reshape(-1, H, W)
     sn3 = sn.reshape(H, W)
-    fps = prm.fps if prm.fps is not None else DEFAULT_FPS
     for p, box in enumerate(boxes):
         mine = np.flatnonzero(home == p)
         if mine.size == 0:
@@ -857,10 +858,17 @@ def _quality_by_window(source, A, tr, b, f, sn, prm, boxes, chunk_frames):
         dp = (r1 - r0) * (c1 - c0)
         Yr = np.ascontiguousarray(Y.reshape(T, dp).T)
         del Y
-        Ap = A3[here][:, r0:r1, c0:c1].reshape(len(here), dp).T
+        # pad the window's components to a bucket size with empty ones (no footprint, no trace: they change nothing
+        # in the others' demixed r-values), so that windows share compiled shapes
+        n, m = len(here), bucket(len(here))
+        Ap = np.zeros((dp, m), np.float32)
+        Ap[:, :n] = A3[here][:, r0:r1, c0:c1].reshape(n, dp).T
+        Cp, YrAp = (np.zeros((m, T), np.float32) for _ in range(2))
+        Cp[:n], YrAp[:n] = np.asarray(tr.C)[here], np.asarray(tr.YrA)[here]
         bp = b3[:, r0:r1, c0:c1].reshape(b3.shape[0], dp).T
-        q = evaluate_components(Yr, Ap, tr.C[here], bp, f, sn3[r0:r1, c0:c1].reshape(dp), tr.YrA[here], fps=fps,
-                                min_snr=prm.min_snr, rval_thr=prm.rval_thr)
+        q = evaluate_components(Yr, Ap, Cp, bp, f, sn3[r0:r1, c0:c1].reshape(dp), YrAp, fps=prm.fps,
+                                min_snr=prm.min_snr, rval_thr=prm.rval_thr, shape=(r1 - r0, c1 - c0),
+                                radius=float(prm.neuron_radius))
         pos = np.searchsorted(here, mine)
         snr[mine] = np.asarray(q.snr)[pos]
         rval[mine] = np.asarray(q.r_value)[pos]
@@ -964,8 +972,8 @@ def fit_patches(movie, neuron_radius: float | None = None, *, patch_size: int | 
                 overlap: int | tuple[int, int] | None = None, params=None, checkpoint_dir: str | None = None,
                 engine="local", devices=None, memory_budget: int | str | None = None, n_refine: int = 1,
                 progress: bool = False, **overrides) -> Result:
-    """Fit CNMF to a large field of view patch by patch, stitch, and refine on the whole field (CaImAn's `rf`/`stride`
-    mode, with `patch_size = 2 rf` and `overlap = stride`... in pixels).
+    """Fit CNMF to a large field of view patch by patch, stitch, and refine on the whole field (`patch_size` replaces
+    CaImAn's `rf`, about `patch_size / 2`; `overlap` its `stride`).
 
     1. Tile the field into equal overlapping patches (`patch_grid`); each is fitted by `fit.fit` with the same
        parameters (one compiled shape serves all). With `checkpoint_dir`, each patch result is written atomically as
@@ -978,7 +986,7 @@ def fit_patches(movie, neuron_radius: float | None = None, *, patch_size: int | 
     **Arguments:**
 
     - `movie`: a path (memory-mapped or chunk-read, never loaded whole), a `(T, H, W)` array or a `MovieSource`.
-    - `neuron_radius`, `params`, `overrides`: as for `fit.fit`.
+    - `neuron_radius`, `params`, `overrides`: as for `fit.fit` (`K`, if given, bounds the components of each patch).
     - `patch_size`: patch side in pixels (int or pair; default 64); `overlap`: pixels shared by neighbouring patches
       (default 4 neuron radii; at least one neuron diameter).
     - `checkpoint_dir`: folder for per-patch results (resume); `None`: no checkpoints.

@@ -16,7 +16,7 @@ CENTRES = [(24, 8), (24, 24), (24, 40), (8, 24), (40, 24), (8, 8), (8, 40), (40,
 N_BORDER = 5
 
 
-def planted_movie(seed: int = 3, n_frames: int = 200):
+def planted_movie(seed: int = 3, n_frames: int = 100):
     """A simulated movie whose neurons are moved to `CENTRES` (the noise, traces and background kept).
 
     **Returns:** `(movie (T, H, W) float32, truth dict with A (K, H, W), C, S, fps)`.

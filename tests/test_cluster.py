@@ -13,7 +13,7 @@ def test_dask_equals_local(tmp_path):
     from jaxcnmf.batch import fit_many
     from jaxcnmf.patches import fit_patches
 
-    movie = planted_movie(seed=9, n_frames=100)[0]
+    movie = planted_movie(seed=9)[0]
     np.save(tmp_path / "movie.npy", movie)
     path = str(tmp_path / "movie.npy")  # workers read their patches from the shared file
     kw = dict(fps=FPS, patch_size=PATCH, overlap=OVERLAP)
