@@ -43,7 +43,7 @@ class InitResult(eqx.Module):
     psnr: jax.Array
 
 
-# ----------------------------------------------------------------------------------------------------------------- checks
+# ------------------------------------------------------------------------------------------------------------ checks
 
 
 def _as_movie(Y, name: str = "Y") -> jax.Array:
@@ -220,7 +220,8 @@ def _greedy_round(
     Rp, Bp: (T, H+2pad, W+2pad) residual and filtered residual; Ep, Pp: (H+2pad, W+2pad) energy and peak of Bp
     (see `_peak_above_slow`);
     centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool; a0 (w*w,) start footprint;
-    ring (m,) int indices of the window's border pixels; inside (H+2pad, W+2pad) bool image pixels; g, box the score filter's taps;
+    ring (m,) int indices of the window's border pixels; inside (H+2pad, W+2pad) bool image pixels; g, box the
+    score filter's taps;
     snp (H+2pad, W+2pad) noise of B; snr_stop the eligibility level.
     A fit that lowers its seed's peak-to-noise by less than snr_stop / 2 is dropped (it fitted something else).
     Returns updated (Rp, Bp, Ep, Pp), the fitted (a (n, w, w), c (n, T)) with a c' subtracted (zero where dropped),
@@ -246,7 +247,8 @@ def _greedy_round(
     # seed at the least), else the window's main structure is something else
     seed_trace = jax.vmap(lambda rc: lax.dynamic_slice(Bp, (0, rc[0] + pad, rc[1] + pad), (T, 1, 1)))(centres)
     before = jax.vmap(lambda x: _peak_above_slow(x, n_smooth, n_slow))(seed_trace[:, :, 0, 0])
-    after = jax.vmap(lambda x: _peak_above_slow(x, n_smooth, n_slow))(seed_trace[:, :, 0, 0] - ab[:, hb, hb][:, None] * c)
+    peak = jax.vmap(lambda x: _peak_above_slow(x, n_smooth, n_slow))
+    after = peak(seed_trace[:, :, 0, 0] - ab[:, hb, hb][:, None] * c)
     scale = jnp.sqrt(float(n_smooth)) / jax.vmap(lambda rc: snp[rc[0] + pad, rc[1] + pad])(centres)
     valid = valid & ((before - after) * scale >= 0.5 * snr_stop)
     a = jnp.where(valid[:, None], a, 0.0).reshape(-1, w, w)
@@ -353,7 +355,7 @@ def default_snr_stop(T: int, H: int, W: int, sigma: float, false_alarms: float =
     Each blurred frame of white noise is a smooth Gaussian field with correlation exp(-r^2 / (4 sigma^2)); the
     expected number of local maxima above u in a frame of H W pixels is about H W / (2 sigma^2) / (2 pi)^(3/2)
     u exp(-u^2 / 2) (the Euler-characteristic density of a 2-D field). Summed over T independent frames and set equal
-    to `false_alarms`, this is solved for u (about 5.6 for 64x64x400 and sigma 2, about 6.3 for 256x256x3000).
+    to `false_alarms`, this is solved for u (about 5.6 for 64x64x400 and sigma 2, about 6.4 for 256x256x3000).
 
     **Arguments:** `T`, `H`, `W` movie size; `sigma` blur sd in pixels; `false_alarms` expected false seeds per movie.
 
@@ -375,7 +377,7 @@ def _centres_of_mass(A: jax.Array, H: int, W: int) -> np.ndarray:
     return (np.stack([rows @ wgt, cols @ wgt], axis=1) / tot[:, None]).astype(np.float32).reshape(-1, 2)
 
 
-# ------------------------------------------------------------------------------------------------------------ background
+# ------------------------------------------------------------------------------------------------------- background
 
 
 @partial(jax.jit, static_argnames=("n_iter",))
@@ -459,19 +461,21 @@ def greedy_init(
 
     Algorithm (MATH.md, "Greedy initialisation"):
 
-    1. R = Y minus each pixel's temporal median (over at most 1000 evenly spaced frames); B = R with every frame filtered by a Gaussian of sd `sigma` minus
-       its mean over a (2 window + 1)^2 square (`score_kernels`: a centre-surround filter, so smooth background and
-       neuropil fluctuations do not look like neurons).
+    1. R = Y minus each pixel's temporal median (over at most 1000 evenly spaced frames); B = R with every frame
+       filtered by a Gaussian of sd `sigma` minus its mean over a (2 window + 1)^2 square (`score_kernels`: a
+       centre-surround filter, so smooth background and neuropil fluctuations do not look like neurons).
     2. Per pixel: energy E = sum_t B^2, noise s = robust sd of B's first differences / sqrt 2, and peak-to-noise
        psnr = max_t (mean over `n_smooth` consecutive frames of B minus its running mean over 2 `n_slow` + 1
        frames) sqrt(n_smooth) / s (a transient lasts several frames, noise averaged over n frames has sd
        s / sqrt(n), and slow drifts are not transients). A pixel is *eligible* when psnr >= `snr_stop` (it
        holds a transient that noise alone would not produce).
-    3. Each round: take up to `batch` eligible pixels, greedily by energy (or by psnr, `order_by="peak"`), whose (2 window + 1)^2 windows do not overlap;
-       in each window remove the local background (per frame, the median over the window's border) and fit
-       c a' (rank-1 non-negative, `max_iter_rank1` alternating projected least-squares steps, started from a Gaussian
-       blob); subtract a c' from R and filter(a) c' from B, and re-score the touched pixels.
-       All windows of a round are fitted at once (vmap); every round uses one compiled shape (the movies are padded).
+    3. Each round: take up to `batch` eligible pixels, greedily by energy (or by psnr, `order_by="peak"`), whose
+       (2 window + 1)^2 windows do not overlap; in each window remove the local background (per frame, the median
+       over the window's border) and fit c a' with a >= 0 (rank 1, `max_iter_rank1` alternating projected
+       least-squares steps started from a Gaussian blob; c keeps its sign, since an active neuron's quiet frames sit
+       below the pixel median); subtract a c' from R and filter(a) c' from B, and re-score the touched pixels. The
+       component's trace is C = max(c - q, 0) with q the 20th percentile of c (a q goes to the background). All
+       windows of a round are fitted at once (vmap); every round uses one compiled shape (the movies are padded).
     4. Stop when no pixel is eligible any more, when K components were found, or after `max_rounds` rounds.
        A seed whose fit comes out empty, or lowers the seed's own psnr by less than `snr_stop` / 2 (the window's
        main structure is something else), is dropped and no seed is taken within radius / 2 of it again.
@@ -493,7 +497,8 @@ def greedy_init(
       `fps` is given, at least 30).
     - `batch`: most components found per round (they are fitted together).
     - `order_by`: "energy" (MATH.md) or "peak": which score orders the eligible seeds.
-    - `window`: half-width of the fitting window (and of the score filter's square) in pixels; None -> ceil(2.5 radius).
+    - `window`: half-width of the fitting window (and of the score filter's square) in pixels;
+      None -> ceil(2.5 radius).
     - `sigma`: sd of the Gaussian of the score filter in pixels; None -> radius / 2.
     - `n_iter_background`: HALS sweeps of the final background fit.
     - `max_rounds`: most rounds; None -> enough for a field packed with neurons (H W / radius^2 / batch, at least 4).
