@@ -47,7 +47,7 @@ def summary_figure(path: str, image: np.ndarray, A_est: np.ndarray, A_true: np.n
     traces = traces or []
     n_tr = len(traces)
     fig = plt.figure(figsize=(9, 7 + 1.1 * n_tr))
-    ax = fig.add_axes([0.05, 1 - 7 / (7 + 1.1 * n_tr), 0.9, 7 / (7 + 1.1 * n_tr) - 0.04])
+    ax = fig.add_axes([0.05, 1 - 7 / (7 + 1.1 * n_tr), 0.9, 7 / (7 + 1.1 * n_tr) - 0.07])  # room for the title
     ax.imshow(image, cmap="gray")
     if A_true is not None:
         for a in np.asarray(A_true, np.float32):
