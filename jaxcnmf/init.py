@@ -306,8 +306,16 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow):
 
 
 def _cumsum0(x: jax.Array) -> jax.Array:
-    """Cumulative sum along axis 0 as an associative scan (XLA's CPU cumsum is many times slower on long axes)."""
-    return lax.associative_scan(jnp.add, x, axis=0)
+    """Cumulative sum along axis 0 as a sequential scan over frames, each step one vector add over the other axes
+    (on XLA's CPU backend about 3x faster than an associative scan and 10x faster than `jnp.cumsum` on a
+    (1000, 27000) array)."""
+    flat = x.reshape(x.shape[0], -1)
+
+    def step(acc, row):
+        acc = acc + row
+        return acc, acc
+
+    return lax.scan(step, jnp.zeros_like(flat[0]), flat)[1].reshape(x.shape)
 
 
 def _peak_above_slow(x: jax.Array, n: int, half: int) -> jax.Array:
@@ -328,6 +336,11 @@ def _peak_above_slow(x: jax.Array, n: int, half: int) -> jax.Array:
     t = np.arange(T)
     count = (np.minimum(t + half + 1, T) - np.maximum(t - half, 0)).astype(np.float32)
     xh = x - (hi - lo) / jnp.asarray(count, x.dtype).reshape((T,) + (1,) * (x.ndim - 1))
+    if n <= 8:  # a few shifted slices are cheaper than a second cumulative sum
+        sums = xh[: T - n + 1]
+        for i in range(1, n):
+            sums = sums + xh[i : T - n + 1 + i]
+        return jnp.max(sums, axis=0) / n
     cs = jnp.concatenate([jnp.zeros_like(xh[:1]), _cumsum0(xh)], axis=0)
     return jnp.max(cs[n:] - cs[:-n], axis=0) / n
 
