@@ -79,7 +79,7 @@ def outline_figure(path, truth, results: dict) -> None:
         ax.set_yticks([])
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
