@@ -219,7 +219,8 @@ def _greedy_round(
 
     Rp, Bp: (T, H+2pad, W+2pad) residual and filtered residual; Ep, Pp: (H+2pad, W+2pad) energy and peak of Bp
     (see `_peak_above_slow`);
-    centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool; a0 (w*w,) start footprint;
+    centres (n, 2) int pixel coordinates in the unpadded image, valid (n,) bool (the chosen centres first, then
+    padding); a0 (w*w,) start footprint;
     ring (m,) int indices of the window's border pixels; inside (H+2pad, W+2pad) bool image pixels; g, box the
     score filter's taps;
     snp (H+2pad, W+2pad) noise of B; snr_stop the eligibility level.
@@ -230,6 +231,7 @@ def _greedy_round(
     T = Rp.shape[0]
     w, wb = 2 * h + 1, 2 * hb + 1
     off_r, off_b = pad - h, pad - hb
+    n_used = jnp.sum(valid.astype(jnp.int32))  # the chosen centres come first; the padding needs no subtract/rescore
 
     def window(rc):
         return lax.dynamic_slice(Rp, (0, rc[0] + off_r, rc[1] + off_r), (T, w, w)).reshape(T, w * w)
@@ -264,7 +266,7 @@ def _greedy_round(
         Bp = lax.dynamic_update_slice(Bp, cur - c[k][:, None, None] * ab[k][None], (0, r0 + off_b, r1 + off_b))
         return Rp, Bp
 
-    Rp, Bp = lax.fori_loop(0, centres.shape[0], subtract, (Rp, Bp))
+    Rp, Bp = lax.fori_loop(0, n_used, subtract, (Rp, Bp))
 
     def rescore(k, state):
         Ep, Pp = state
@@ -274,7 +276,7 @@ def _greedy_round(
         Pp = lax.dynamic_update_slice(Pp, _peak_above_slow(cur, n_smooth, n_slow), (r0, r1))
         return Ep, Pp
 
-    Ep, Pp = lax.fori_loop(0, centres.shape[0], rescore, (Ep, Pp))
+    Ep, Pp = lax.fori_loop(0, n_used, rescore, (Ep, Pp))
     q = jnp.quantile(c, 0.2, axis=1)
     return Rp, Bp, Ep, Pp, a, c, q, valid
 
