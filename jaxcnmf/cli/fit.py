@@ -46,6 +46,18 @@ def add_parser(subparsers) -> None:
                    help="interpolate NaN/inf pixels instead of stopping with an error")
     p.add_argument("-o", "--output", default=None,
                    help="result file, .h5 or .npz (default: the movie's stem + _cnmf.h5 next to it)")
+    g = p.add_argument_group("large movies (patch mode; any of these turns it on)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="fit in equal overlapping patches of this side in pixels, stitch, refine on the whole field "
+                        "(CaImAn rf, about patch_size/2); the movie is streamed from disk, never loaded whole")
+    g.add_argument("--overlap", type=int, default=None,
+                   help="pixels shared by neighbouring patches (CaImAn stride; default 4 neuron radii)")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="folder for per-patch results: a killed run resumes where it stopped, with the same result")
+    g.add_argument("--memory-budget", default=None, help='memory budget for the streamed passes, e.g. "2GB"')
+    g.add_argument("--engine", choices=("local", "dask"), default=None,
+                   help="where patches run: this process (default) or a Dask cluster (the current client or a new "
+                        "local one)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=run)
 
@@ -65,7 +77,17 @@ def run(args) -> int:
     ).items() if v is not None}
     if args.repair_nonfinite:
         overrides["nonfinite"] = "repair"
-    result = fit(args.movie, args.neuron_radius, fps=args.fps, K=args.K, progress=not args.quiet, **overrides)
+    patch_mode = any(v is not None for v in (args.patch_size, args.overlap, args.checkpoint_dir,
+                                               args.memory_budget, args.engine))
+    if patch_mode:
+        from ..patches import fit_patches
+
+        result = fit_patches(args.movie, args.neuron_radius, fps=args.fps, K=args.K,
+                             patch_size=args.patch_size or 64, overlap=args.overlap,
+                             checkpoint_dir=args.checkpoint_dir, memory_budget=args.memory_budget,
+                             engine=args.engine or "local", progress=not args.quiet, **overrides)
+    else:
+        result = fit(args.movie, args.neuron_radius, fps=args.fps, K=args.K, progress=not args.quiet, **overrides)
     save_result(out, result)
     n = result.n_components
     n_acc = int(result.accepted.sum()) if result.accepted is not None else n
