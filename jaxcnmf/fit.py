@@ -49,7 +49,9 @@ class Params:
       default: on the 64x64x1000 movie of tests/test_fit.py, two iterations leave a mixture component that the
       third removes (14 -> 13 components for 12 neurons).
     - `init`: "greedy" (somata, CaImAn `method_init="greedy_roi"`) or "sparse_nmf" (dendrites/axons, CaImAn
-      `method_init="sparse_nmf"`); "sparse_nmf" also makes the spatial update non-compact (search areas follow each
+      `method_init="sparse_nmf"`) or "dendrite" (dendrites/axons: `dendrites.dendrite_init`, event-triggered sparse
+      rank-1 components found until no event is left above the noise; `neuron_radius` is then the process width in
+      pixels); "sparse_nmf" and "dendrite" also make the spatial update non-compact (search areas follow each
       footprint's shape, no clean-up to one connected blob).
     - `spatial_method`: "constrained" (per-pixel noise-constrained sparse fit) or "hals" (faster HALS sweeps).
     - `temporal_sweeps`: block-coordinate sweeps per temporal update (CaImAn `ITER`).
@@ -132,8 +134,8 @@ def check_params(prm: Params) -> None:
     for name in ("n_iter", "temporal_sweeps", "background_iter", "chunk_frames"):
         if not _is_int(getattr(prm, name)) or getattr(prm, name) < 1:
             bad(name, "expected a positive integer")
-    if prm.init not in ("greedy", "sparse_nmf"):
-        bad("init", 'expected "greedy" or "sparse_nmf"')
+    if prm.init not in ("greedy", "sparse_nmf", "dendrite"):
+        bad("init", 'expected "greedy", "sparse_nmf" or "dendrite"')
     if prm.spatial_method not in ("constrained", "hals"):
         bad("spatial_method", 'expected "constrained" or "hals"')
     if prm.lam is not None and (not _is_real(prm.lam) or prm.lam < 0):
@@ -340,6 +342,10 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     k_max = prm.K if prm.K is not None else default_max_components(H, W, radius)
     if prm.init == "greedy":
         ini = greedy_init(Y, radius, K=k_max, nb=prm.nb, fps=prm.fps, key=key)
+    elif prm.init == "dendrite":
+        from .dendrites import dendrite_init
+
+        ini = dendrite_init(Y, radius, K=prm.K, nb=prm.nb)
     else:
         ini = sparse_nmf_init(Y, prm.K or _default_nmf_k(H, W, radius), nb=prm.nb, key=key)
     Yr = jnp.asarray(np.ascontiguousarray(Y.reshape(T, d).T))
