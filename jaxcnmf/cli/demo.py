@@ -111,7 +111,14 @@ def run(args) -> int:
     t_fit = time.perf_counter() - t1
     scores = score_result(result, truth=truth, fps=truth.fps)
 
-    res_path = save_result(os.path.join(args.out, "result.h5"), result) or os.path.join(args.out, "result.h5")
+    # HDF5 when h5py is installed (the `hdf5` extra), else the same layout as .npz: the demo must run on a bare install.
+    try:
+        import h5py  # noqa: F401
+
+        res_path = os.path.join(args.out, "result.h5")
+    except ImportError:
+        res_path = os.path.join(args.out, "result.npz")
+    save_result(res_path, result)
     save_truth(os.path.join(args.out, "truth.npz"), truth)
     from ..io import atomic_output
 
