@@ -37,8 +37,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--merge-thr", type=float, default=None, help="trace correlation for merging (default 0.85)")
     p.add_argument("--min-snr", type=float, default=None, help="acceptance: minimum trace SNR (default 2.5)")
     p.add_argument("--rval-thr", type=float, default=None, help="acceptance: minimum spatial correlation (default 0.8)")
-    p.add_argument("--init", choices=("greedy", "sparse_nmf"), default=None,
-                   help="initialisation: greedy (somata, default) or sparse_nmf (dendrites, axons)")
+    p.add_argument("--init", choices=("greedy", "sparse_nmf", "dendrite"), default=None,
+                   help="initialisation: greedy (somata, default), dendrite (event-triggered start for "
+                        "dendrites/axons) or sparse_nmf")
     p.add_argument("--spatial-method", choices=("constrained", "hals"), default=None,
                    help="footprint update: constrained (default) or hals (faster)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
