@@ -36,10 +36,11 @@ MACHINE = "2-core CPU (this dev box), no GPU"
 
 
 def have_suite2p() -> bool:
+    """True when a suite2p with the 1.x API (`default_settings`, `default_db`, `run_s2p`) is importable."""
     try:
-        import suite2p  # noqa: F401
+        import suite2p
 
-        return True
+        return all(hasattr(suite2p, n) for n in ("default_settings", "default_db", "run_s2p"))
     except Exception:
         return False
 
@@ -64,9 +65,19 @@ def load_note() -> str:
 
 
 def suite2p_masks(movie: np.ndarray, fps: float, radius: float, workdir: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Run suite2p (registration off, its default detection) on a `(T, H, W)` movie.
+    """`run_suite2p` restricted to the ROIs suite2p's classifier calls cells: `(masks, F, seconds)`."""
+    masks, iscell, F, secs = run_suite2p(movie, fps, radius, workdir)
+    return masks[iscell], F[iscell], secs
 
-    **Returns:** `(masks (N, H, W) bool, F (N, T) neuropil-corrected fluorescence, seconds)`.
+
+def run_suite2p(movie: np.ndarray, fps: float, radius: float, workdir: str):
+    """Run suite2p 1.x on a `(T, H, W)` movie written to a TIFF under `workdir`: registration off, GPU off (torch on
+    CPU), its default cell detection (sparsery) and classifier, with `diameter = 2 * radius`, `fs = fps`.
+
+    **Arguments:** `movie` (T, H, W); `fps` frame rate (Hz); `radius` neuron radius (px); `workdir` an empty folder.
+
+    **Returns:** `(masks (N, H, W) bool of all ROIs, iscell (N,) bool (suite2p's classifier), F (N, T)
+    neuropil-corrected fluorescence F - 0.7 Fneu, seconds)`; the seconds cover `run_s2p` (TIFF -> binary conversion included, TIFF writing not).
     """
     import suite2p
     import tifffile
@@ -75,15 +86,18 @@ def suite2p_masks(movie: np.ndarray, fps: float, radius: float, workdir: str) ->
     data = os.path.join(workdir, "data")
     os.makedirs(data, exist_ok=True)
     tifffile.imwrite(os.path.join(data, "movie.tif"), movie.astype(np.float32))
-    ops = suite2p.default_ops()
-    ops.update(dict(fs=fps, nplanes=1, nchannels=1, do_registration=0, diameter=int(round(2 * radius)),
-                    save_path0=workdir, fast_disk=workdir, tau=0.5, batch_size=500, spikedetect=True,
-                    roidetect=True, keep_movie_raw=False, delete_bin=True, move_bin=False))
-    db = dict(data_path=[data], tiff_list=["movie.tif"])
+    settings = suite2p.default_settings()
+    d = float(2 * radius)
+    settings.update(torch_device="cpu", fs=float(fps), tau=0.5, diameter=[d, d])
+    settings["run"].update(do_registration=0, do_regmetrics=False, do_detection=True, do_deconvolution=True)
+    settings["io"].update(delete_bin=True, move_bin=False, save_mat=False, save_NWB=False)
+    db = suite2p.default_db()
+    db.update(data_path=[data], file_list=["movie.tif"], input_format="tif", nplanes=1, nchannels=1,
+              save_path0=workdir, fast_disk=workdir, keep_movie_raw=False)
     t0 = time.perf_counter()
-    out = suite2p.run_s2p(ops=ops, db=db)
+    suite2p.run_s2p(db=db, settings=settings)
     secs = time.perf_counter() - t0
-    plane = os.path.join(workdir, "suite2p", "plane0")
+    plane = os.path.join(workdir, db["save_folder"], "plane0")
     stat = np.load(os.path.join(plane, "stat.npy"), allow_pickle=True)
     iscell = np.load(os.path.join(plane, "iscell.npy"))[:, 0].astype(bool)
     F = np.load(os.path.join(plane, "F.npy"))
@@ -91,8 +105,7 @@ def suite2p_masks(movie: np.ndarray, fps: float, radius: float, workdir: str) ->
     masks = np.zeros((len(stat), H, W), bool)
     for i, s in enumerate(stat):
         masks[i, s["ypix"], s["xpix"]] = True
-    del out
-    return masks[iscell], (F - 0.7 * Fneu)[iscell], secs
+    return masks, iscell, F - 0.7 * Fneu, secs
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,14 +113,35 @@ def suite2p_masks(movie: np.ndarray, fps: float, radius: float, workdir: str) ->
 
 
 def part_sim(args) -> dict:
+    """Accuracy and time of jaxcnmf and (where importable) suite2p on one simulated movie, in the same process.
+    suite2p runs first so that its numbers are printed even if the jaxcnmf fit is stopped."""
     from jaxcnmf.fit import fit
-    from jaxcnmf.metrics import score_result
+    from jaxcnmf.metrics import match_footprints, score_result, trace_correlations
     from jaxcnmf.sim import simulate
 
     H, T, n = (96, 1000, 30) if args.quick else (256, 3000, 150)
+    H, T, n = args.sim_side or H, args.sim_frames or T, args.sim_neurons or n
     movie, truth = simulate(seed=0, shape=(H, H), n_frames=T, n_neurons=n, overlap=0.3, peak_snr=args.snr,
                             neuropil=0.3, tau_rise=0.05)
     radius = float(truth.params["radius"])
+    s2p = None
+    if have_suite2p():
+        import suite2p
+
+        with tempfile.TemporaryDirectory() as tmp:
+            masks_all, iscell, F_all, t_s2p = run_suite2p(movie, truth.fps, radius, tmp)
+        masks, F = masks_all[iscell], F_all[iscell]
+        m = match_footprints(masks, truth.A)
+        m_all = match_footprints(masks_all, truth.A)
+        corr = float(np.nanmedian(trace_correlations(F, truth.C, m.pairs))) if len(m.pairs) else float("nan")
+        s2p = dict(f1=m.f1, precision=m.precision, recall=m.recall, n_est=m.n_est, calcium=corr, seconds=t_s2p,
+                   all_rois=dict(n=m_all.n_est, f1=m_all.f1, precision=m_all.precision, recall=m_all.recall))
+        print("suite2p sim:", json.dumps(s2p), flush=True)
+        s2p_text = (f"suite2p {suite2p.version} (registration off, torch on CPU, default sparsery detection + "
+                    f"classifier, diameter {2 * radius:g} px, tau 0.5 s) F1 {m.f1:.3f} (P {m.precision:.3f} "
+                    f"R {m.recall:.3f}, {m.n_est} cells; all {m_all.n_est} ROIs before its classifier: F1 "
+                    f"{m_all.f1:.3f} P {m_all.precision:.3f} R {m_all.recall:.3f}), median corr of F-0.7Fneu with "
+                    f"true calcium {corr:.3f}, {t_s2p:.1f} s (run_s2p incl. TIFF->binary)")
     t0 = time.perf_counter()
     res = fit(movie, radius, fps=truth.fps, progress=True)
     t_fit = time.perf_counter() - t0
@@ -115,21 +149,16 @@ def part_sim(args) -> dict:
     row = dict(shape=f"{H}x{H}x{T}", n_true=s["n_true"], n_est=s["n_est"], precision=s["precision"],
                recall=s["recall"], f1=s["f1"], calcium=s["calcium_corr_median"], spike=s["spike_corr_median"],
                seconds=t_fit)
-    print("jaxcnmf sim:", json.dumps(row))
+    print("jaxcnmf sim:", json.dumps(row), flush=True)
     result = (f"{H}x{H}x{T}, {n} neurons, overlap 0.3, neuropil 0.3, AR(2), peak SNR {args.snr}: jaxcnmf F1 "
-              f"{s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}), median calcium corr "
-              f"{s['calcium_corr_median']:.3f}, median spike corr (40 ms) {s['spike_corr_median']:.3f}, fit "
-              f"{t_fit:.1f} s incl. compile")
-    if have_suite2p():
-        from jaxcnmf.metrics import match_footprints
-
-        with tempfile.TemporaryDirectory() as tmp:
-            masks, F, t_s2p = suite2p_masks(movie, truth.fps, radius, tmp)
-        m = match_footprints(masks, truth.A)
-        row.update(s2p_f1=m.f1, s2p_seconds=t_s2p)
-        print("suite2p sim:", json.dumps(dict(f1=m.f1, precision=m.precision, recall=m.recall, seconds=t_s2p)))
-        result += (f"; suite2p F1 {m.f1:.3f} (P {m.precision:.3f} R {m.recall:.3f}) in {t_s2p:.1f} s; "
-                   f"time ratio suite2p/jaxcnmf {t_s2p / t_fit:.2f}")
+              f"{s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}, {s['n_est']} components), median calcium "
+              f"corr {s['calcium_corr_median']:.3f}, median spike corr (40 ms) {s['spike_corr_median']:.3f}, fit "
+              f"{t_fit:.1f} s incl. JIT compilation (first fit in this process)")
+    if s2p is not None:
+        row.update({f"s2p_{k}": v for k, v in s2p.items()})
+        ratio = t_fit / s2p["seconds"]
+        print(f"time ratio jaxcnmf/suite2p: {ratio:.2f}")
+        result += f"; {s2p_text}; time ratio jaxcnmf/suite2p {ratio:.2f}"
     else:
         result += "; suite2p not importable in this environment (not compared)"
     if not args.no_record:
@@ -258,7 +287,8 @@ def part_scale(args) -> list[dict]:
 
 
 def cmdline(args) -> str:
-    return "python experiments/bench_fit.py " + " ".join(sys.argv[1:])
+    exe = sys.executable if "venv-bench" in sys.executable else "python"
+    return f"{exe} experiments/bench_fit.py " + " ".join(sys.argv[1:])
 
 
 def main() -> int:
@@ -272,6 +302,9 @@ def main() -> int:
     ap.add_argument("--snr", type=float, default=4.0, help="peak SNR of the simulated accuracy movie")
     ap.add_argument("--real-radius", type=float, default=4.5,
                     help="neuron radius for neurofinder_tr in px (a typical cell measured on the mean image)")
+    ap.add_argument("--sim-side", type=int, default=None, help="side in px of the simulated movie (sim part)")
+    ap.add_argument("--sim-frames", type=int, default=None, help="frames of the simulated movie (sim part)")
+    ap.add_argument("--sim-neurons", type=int, default=None, help="neurons in the simulated movie (sim part)")
     ap.add_argument("--no-suite2p", action="store_true", help="skip suite2p in the scaling part")
     ap.add_argument("--no-record", action="store_true", help="do not append to experiments/RESULTS.md")
     args = ap.parse_args()
