@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# Each takes tens of seconds to a few minutes on 2 busy cores (JAX compilation dominates): the slow suite runs them.
-SLOW = pytest.mark.slow
+# Executing all five takes about 2 minutes on 2 idle cores (JAX compilation dominates), so they run in the default
+# suite, which is what CI runs.
 
 
 def _figures(nb) -> list[bytes]:
@@ -36,7 +36,6 @@ def test_committed_notebook_holds_executed_outputs_and_figures(path):
         assert min(img.shape[:2]) > 100 and img[..., :3].std() > 0.02  # a real picture, not a blank canvas
 
 
-@SLOW
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
