@@ -849,6 +849,11 @@ def truth_path_for(movie_path: str | os.PathLike) -> Path:
 def save_truth(path: str | os.PathLike, truth: Truth) -> Path:
     """Write a truth to `.npz` atomically: its arrays under their names, plus `fps`, `offset` and `params` (JSON).
 
+    **Arguments:**
+
+    - `path`: the `.npz` file to write (its folder must exist); an existing file is replaced only by a complete one.
+    - `truth`: the `Truth` returned by `simulate`.
+
     **Returns:** the path written.
     """
     path = Path(path)
@@ -867,7 +872,14 @@ def save_truth(path: str | os.PathLike, truth: Truth) -> Path:
 
 
 def load_truth(path: str | os.PathLike) -> Truth:
-    """Read a truth written by `save_truth` (identical arrays). Raises `ResultFileError` naming what is missing."""
+    """Read a truth written by `save_truth` (identical arrays).
+
+    **Arguments:**
+
+    - `path`: a `.npz` file written by `save_truth` (or `jaxcnmf simulate`, as `<movie stem>_truth.npz`).
+
+    **Returns:** the `Truth`. Raises `ResultFileError` naming what is missing or unreadable.
+    """
     path = Path(path)
     if not path.is_file():
         raise ResultFileError(f"load_truth: {path} does not exist; simulate one with `jaxcnmf simulate -o movie.tif`")
