@@ -25,6 +25,7 @@ from jax import lax
 
 from .errors import ParameterError
 from .init import InitResult, _as_movie, background_hals, gaussian_blur, gaussian_kernel1d
+from .init import _taps_along as _taps
 from .noise import estimate_noise
 
 __all__ = ["dendrite_init", "highpass_movie", "significant_support", "default_peak_threshold"]
@@ -93,19 +94,6 @@ def significant_support(proj: jax.Array, shape: tuple[int, int], z: float) -> ja
     n = _taps(_taps(m, box, -1), box, -2)  # 3x3 box sum, including the pixel itself
     keep = (m > 0) & (n >= 2)
     return keep.reshape(B, H * W).T
-
-
-def _taps(x, k, axis):
-    n = k.shape[0]
-    half = n // 2
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (half, half)
-    xp = jnp.pad(x, pad)
-    L = x.shape[axis]
-    out = k[0] * lax.slice_in_dim(xp, 0, L, axis=axis)
-    for i in range(1, n):
-        out = out + k[i] * lax.slice_in_dim(xp, i, i + L, axis=axis)
-    return out
 
 
 def _box_smooth(Z: jax.Array, w: int) -> jax.Array:
