@@ -286,7 +286,8 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
 
     **Returns:** a `Result` with ALL components kept, ordered accepted first (each part by decreasing SNR), with
     `accepted`, `snr` and `r_value` per component; footprints `A` `(K, H, W)` have unit l2 norm. A movie with no
-    signal (e.g. all zero) gives a `Result` with `K = 0` rather than an error.
+    signal (e.g. all zero) gives a `Result` with `K = 0` rather than an error. `params` holds the parameters used
+    and `params["timings"]`, seconds per stage (metadata: only the arrays are reproducible bit for bit).
 
     Raises `ParameterError` (bad parameter, radius that does not fit the field) or `MovieError` (unreadable movie,
     too few frames, non-finite values with `nonfinite="raise"`) before any fitting.
@@ -306,7 +307,10 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
         raise MovieError(f"{name}: the movie holds NaN or infinite values; pass nonfinite='repair' to interpolate them")
     if float(Y.max()) == float(Y.min()):
         return empty_result((T, H, W), prm)
-    return fit_array(Y, prm, prog)
+    result = fit_array(Y, prm, prog)
+    # Seconds per stage, for reports. Only metadata: the arrays are what is reproducible, bit for bit.
+    timings = {stage: round(sec, 3) for stage, sec in prog.times.items()}
+    return Result(**result.arrays(), params={**result.params, "timings": timings}, version=result.version)
 
 
 def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Result:
