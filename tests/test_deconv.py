@@ -203,6 +203,22 @@ def test_compiles_once_per_shape():
     assert deconv._TRACE_COUNT["batch"] == after_first
 
 
+@pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
+def test_row_blocks_on_threads_match_one_block(g):
+    """Splitting the rows over threads (130 rows into 2 blocks, the last padded) changes no result; a bad `threads`
+    value is refused before anything runs."""
+    rng = np.random.default_rng(12)
+    Y, sns = _batch(rng, g, list(rng.integers(100, 301, size=130)), (0.2, 0.5), T=300)
+    lengths = np.sum(np.isfinite(Y), axis=1)
+    one = deconvolve_batch(Y, np.array(g), sns, length=lengths, threads=1)
+    two = deconvolve_batch(Y, np.array(g), sns, length=lengths, threads=2)
+    for field in ("c", "s", "b", "c1", "lam"):
+        np.testing.assert_allclose(np.asarray(getattr(two, field)), np.asarray(getattr(one, field)), rtol=1e-5, atol=1e-6)
+    assert np.asarray(two.c).shape == (130, 300)
+    with pytest.raises(ParameterError, match="threads"):
+        deconvolve_batch(Y, np.array(g), sns, length=lengths, threads=0)
+
+
 def test_degenerate_traces(solved):
     """All-zero and constant traces (noise level 0, or a budget that c = 0 already meets) give c = s = 0, the right
     baseline and finite lam. Rows of 200 frames padded into the fixture's shape (no new compilation)."""
