@@ -2,7 +2,9 @@
 
 Simulated AR(1) and AR(2) calcium traces (sparse exponential spikes, baseline 1, white noise sn = 0.3), both solvers
 given the true g and sn. OASIS: `oasis.functions.deconvolve(y, g, sn, penalty=1, optimize_g=0)` in a Python loop over
-the same traces, same run. Prints traces/s of each and the ratio (jaxcnmf / OASIS), plus a batch-scaling curve for
+the same traces, same run (one process, as its documentation runs it), and the same loop split over --procs worker
+processes (as a user could do by hand). jaxcnmf splits its batch over the cores with threads (`deconvolve_batch`'s
+`threads`). Prints traces/s of each and the ratio (jaxcnmf / OASIS), plus a batch-scaling curve for
 jaxcnmf (traces/s vs number of traces, at fewer frames per trace), and appends rows to experiments/RESULTS.md.
 
     python experiments/bench_deconv_speed.py            # 2,000 x 10,000 frames; curve 1..10,000 traces x 1,000 frames
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 import warnings
@@ -22,6 +25,7 @@ import jax
 import numpy as np
 import scipy.signal
 
+from jaxcnmf import deconv
 from jaxcnmf.deconv import deconvolve_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +65,26 @@ def run_oasis(Y: np.ndarray, g, n: int):
     return time.perf_counter() - t0, np.array(spikes)
 
 
+def _oasis_rows(args):
+    """OASIS on a block of rows (a worker of run_oasis_parallel)."""
+    Y, g = args
+    return run_oasis(Y, g, len(Y))[1]
+
+
+def run_oasis_parallel(Y: np.ndarray, g, n: int, procs: int):
+    """OASIS on the first n rows split over `procs` worker processes (what a user could do by hand); (seconds, spikes)."""
+    import multiprocessing
+
+    blocks = np.array_split(Y[:n], procs)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one core per worker, no BLAS pools
+        os.environ.setdefault(var, "1")
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        pool.map(_oasis_rows, [(b[:2], g) for b in blocks])  # start the workers and import oasis before timing
+        t0 = time.perf_counter()
+        spikes = pool.map(_oasis_rows, [(b, g) for b in blocks])
+        return time.perf_counter() - t0, np.concatenate(spikes)
+
+
 def median_corr(a: np.ndarray, b: np.ndarray) -> float:
     """Median over traces of the correlation of two spike trains (from frame 1: frame 0 holds OASIS's c1)."""
     cs = [np.corrcoef(x[1:], y[1:])[0, 1] for x, y in zip(a, b) if x[1:].std() > 0 and y[1:].std() > 0]
@@ -83,8 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--traces", type=int, default=None)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--chunk", type=int, default=1000, help="traces per deconvolve_batch call")
-    ap.add_argument("--oasis-max-ar2", type=int, default=200,
-                    help="OASIS AR(2) is ~20x slower than AR(1): time it on this many traces and scale (0 = all)")
+    ap.add_argument("--oasis-max-ar2", type=int, default=0,
+                    help="time OASIS AR(2) on this many traces only and scale (0 = all)")
+    ap.add_argument("--procs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="also time OASIS split over this many processes (default: the available cores; 1 = skip)")
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--note", default="", help="appended to each row (e.g. CPU contention)")
@@ -109,12 +135,19 @@ def main(argv=None) -> int:
         rate_jax, rate_oasis = N / t_jax, n_oasis / t_oasis
         corr = median_corr(s_jax[:n_oasis], s_oasis)
         scaled = "" if n_oasis == N else f" (OASIS timed on {n_oasis} of them)"
-        print(f"{name}: jaxcnmf {rate_jax:8.1f} traces/s ({t_jax:.1f} s, compile {t_compile:.1f} s) | "
-              f"OASIS {rate_oasis:8.1f} traces/s{scaled} | ratio {rate_jax / rate_oasis:.2f}x | "
-              f"median spike corr {corr:.4f}")
+        par = ""
+        if args.procs > 1:
+            t_par, s_par = run_oasis_parallel(Y, g, n_oasis, args.procs)
+            assert np.allclose(s_par, s_oasis)
+            rate_par = n_oasis / t_par
+            par = f"; vs OASIS on {args.procs} processes {rate_par:.1f} traces/s: **{rate_jax / rate_par:.2f}x**"
+        print(f"{name}: jaxcnmf {rate_jax:8.1f} traces/s ({t_jax:.1f} s, compile {t_compile:.1f} s, "
+              f"{deconv._n_blocks(chunk, None)} threads) | OASIS 1 process {rate_oasis:8.1f} traces/s{scaled} | "
+              f"ratio {rate_jax / rate_oasis:.2f}x{par} | median spike corr {corr:.4f}")
         rows.append((f"deconv speed {name} {N}x{T} constrained+baseline",
-                     f"jaxcnmf {rate_jax:.1f} traces/s vs OASIS {rate_oasis:.1f} traces/s{scaled}: "
-                     f"**{rate_jax / rate_oasis:.2f}x**; median spike corr {corr:.3f}; compile {t_compile:.0f} s{note}"))
+                     f"jaxcnmf {rate_jax:.1f} traces/s ({deconv._n_blocks(chunk, None)} threads) vs OASIS 1 process "
+                     f"{rate_oasis:.1f} traces/s{scaled}: **{rate_jax / rate_oasis:.2f}x**{par}; median spike corr "
+                     f"{corr:.3f}; compile {t_compile:.0f} s{note}"))
     if not args.no_curve:
         g = KERNELS["AR(1)"]
         pts = []
