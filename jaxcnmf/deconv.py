@@ -6,9 +6,9 @@ The problem (Pnevmatikakis et al. 2016; Friedrich, Zhou & Paninski 2017), for a 
 
     minimise sum(s)  over c, b, c1   subject to  s = G c >= 0  and  ||y - c - b - c1 d||^2 <= sn^2 T,
 
-where G is the AR(p) filter (s_t = c_t - g_1 c_{t-1} - g_2 c_{t-2}), b a constant baseline (either sign; CaImAn does not
-constrain it either), c1 >= 0 the calcium at frame 0 decaying freely (d = the kernel's impulse response), and sn the
-noise level. Its Lagrangian form, for a given sparsity weight lam, is
+where G is the AR(p) filter (s_t = c_t - g_1 c_{t-1} - g_2 c_{t-2}), b a constant baseline (b >= 0 by default, as in
+OASIS; either sign on request, as CaImAn's CNMF runs it), c1 >= 0 the calcium at frame 0 decaying freely (d = the
+kernel's impulse response), and sn the noise level. Its Lagrangian form, for a given sparsity weight lam, is
 
     minimise 1/2 ||y - c - b - c1 d||^2 + lam sum(s)   subject to  s = G c >= 0.
 
@@ -21,7 +21,8 @@ How it is solved:
    `lax.while_loop` with fixed-size arrays (every step pushes or merges: at most 2T steps, O(1) work each), so it
    vmaps. An estimated c1 is simply an unpenalised first spike.
 2. On a fixed pool structure the solution is a linear map M of the shifted data, so the residual is affine in (lam, b):
-   b follows from sum(r) = 0 and lam from the quadratic ||r(lam)||^2 = sn^2 T, in closed form. Steps 1 and 2 alternate
+   b follows from sum(r) = 0 (or is held at 0 when that would make it negative and b >= 0 is asked for) and lam from
+   the quadratic ||r(lam)||^2 = sn^2 T, in closed form. Steps 1 and 2 alternate
    until the pool structure no longer changes, which is the exact optimum of the convex problem (the structure is a
    fixed point: pool-adjacent-violators at that (lam, b) returns it, and (lam, b) are optimal on it).
 3. The returned solution is recomputed from the final pool structure with plain differentiable array code, with the
@@ -538,6 +539,21 @@ def _lam_root(qa, qb, qc, lam, a_sq):
     return jnp.maximum(jnp.where(ok, root, lam), 0)
 
 
+def _b_lam(update, head, b, lam, b_fix, lam_fix, *, b_free, lam_free: bool, floor):
+    """`update(*head, b, lam, b_fix, lam_fix, b_free=..., lam_free=...)` for a free, fixed or non-negative baseline.
+
+    With `b_free="nonneg"` the baseline must stay >= `floor` (its value where the absolute baseline is 0): when the
+    free update goes below, the update with b fixed at `floor` is taken. This is exact for the convex problem: the best
+    objective as a function of b is convex, so when its free minimiser lies below the floor the floor is optimal.
+    """
+    if b_free != "nonneg":
+        return update(*head, b, lam, b_fix, lam_fix, b_free=bool(b_free), lam_free=lam_free)
+    b_f, lam_f = update(*head, b, lam, b_fix, lam_fix, b_free=True, lam_free=lam_free)
+    b_0, lam_0 = update(*head, b, lam, floor, lam_fix, b_free=False, lam_free=lam_free)
+    low = b_f < floor
+    return jnp.where(low, b_0, b_f), jnp.where(low, lam_0, lam_f)
+
+
 def _update_b_lam_pools(y, a, pools, pinned, ker: _Kernel, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free: bool,
                         lam_free: bool):
     """`_update_b_lam` for AR(1) from the pools of `_pav` alone, without applying M frame by frame.
@@ -672,15 +688,13 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
             structure, pools = search(b, lam, prev)
             same = jnp.all(structure[0] == prev[0]) & (structure[1] == prev[1]) & (it > 0)
             if by_pools:
-                b_new, lam_new = _update_b_lam_pools(
-                    y_s, a_s, pools, structure[1], ker_s, mask, sn_s, length_f, b, lam, zero, lam_fix,
-                    b_free=b_free, lam_free=lam_free,
-                )
+                update, head = _update_b_lam_pools, (y_s, a_s, pools, structure[1], ker_s, mask, sn_s, length_f)
             else:
                 Mx = project(ker_s, rhs_fixed, structure, exact, mask, length)
-                b_new, lam_new = _update_b_lam(
-                    y_s, a_s, Mx, mask, sn_s, length_f, b, lam, zero, lam_fix, b_free=b_free, lam_free=lam_free
-                )
+                update, head = _update_b_lam, (y_s, a_s, Mx, mask, sn_s, length_f)
+            b_new, lam_new = _b_lam(
+                update, head, b, lam, zero, lam_fix, b_free=b_free, lam_free=lam_free, floor=-b_start
+            )
             # (b, lam) reproduced by the structure they gave: a fixed point (saves the confirming search)
             tol = 1e-6 if dt == jnp.float64 else 1e-5
             fixed = (jnp.abs(lam_new - lam) <= tol * jnp.abs(lam)) & (
@@ -723,7 +737,8 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     ker, a, y_d, d = prepare(y, g)
     rhs = jnp.stack([y_d, mask.astype(dt), a], axis=1)
     Mx = project(ker, rhs, structure)
-    b, lam = _update_b_lam(y_d, a, Mx, mask, sn, length_f, b_guess, lam0, b_fix, lam_fix, b_free=b_free, lam_free=lam_free)
+    b, lam = _b_lam(_update_b_lam, (y_d, a, Mx, mask, sn, length_f), b_guess, lam0, b_fix, lam_fix, b_free=b_free,
+                    lam_free=lam_free, floor=zero)
     c = Mx[:, 0] - b * Mx[:, 1] - lam * Mx[:, 2]
     c_prev1 = jnp.concatenate([jnp.zeros(1, dt), c[:-1]])
     c_prev2 = jnp.concatenate([jnp.zeros(2, dt), c[:-2]])
@@ -746,16 +761,20 @@ _PREFIX = 1024  # frames of the warm-start solve for long AR(1) traces
 _TRACE_COUNT = {"batch": 0}  # how many times the batched core was traced (compile-once test)
 
 
-def _mode(value, name: str) -> tuple[bool, float]:
-    """(estimated?, fixed value) from a `True` / number argument; `False` or None means fixed at 0."""
+def _mode(value, name: str, nonneg: bool = False) -> tuple[bool | str, float]:
+    """(estimated?, fixed value) from a `True` / number argument; `False` or None means fixed at 0. With `nonneg`,
+    the string "nonneg" (estimated, kept >= 0) is accepted too and returned as the first item."""
     if value is True:
         return True, 0.0
+    if nonneg and isinstance(value, str) and value == "nonneg":
+        return "nonneg", 0.0
     if value is False or value is None:
         return False, 0.0
     try:
         return False, float(value)
     except (TypeError, ValueError):
-        raise ParameterError(f"{name}={value!r}: expected True (estimate it) or a number (fix it).") from None
+        extra = ', "nonneg" (estimate it, >= 0)' if nonneg else ""
+        raise ParameterError(f"{name}={value!r}: expected True (estimate it){extra} or a number (fix it).") from None
 
 
 def _check_static(p, s_min, lam, max_iter):
@@ -813,7 +832,7 @@ def deconvolve_batch(
     *,
     length=None,
     p: int = 2,
-    baseline=True,
+    baseline="nonneg",
     c1=True,
     lam=None,
     s_min: float = 0.0,
@@ -829,7 +848,9 @@ def deconvolve_batch(
     - `length`: optional `(N,)` numbers of valid frames (or one int): frames at t >= length are ignored (they may hold
       NaN padding) and returned as 0. One compilation serves any lengths.
     - `p`: AR order when `g` is None (1 or 2); otherwise `g`'s length.
-    - `baseline`: True to estimate the baseline b, or a number to fix it (CaImAn's `bas_nonneg=False`: either sign).
+    - `baseline`: "nonneg" (default) to estimate the baseline b >= 0 (as OASIS does by default; on real dF/F traces
+      that dip below their resting level a free baseline follows the dips and the noise budget then buys spikes on
+      slow drift), True to estimate it with either sign (CaImAn's `bas_nonneg=False`), or a number to fix it.
     - `c1`: True to estimate the initial value c1 >= 0, or a number to fix it (False means 0).
     - `lam`: None to meet the noise constraint, or the sparsity weight of the penalised form.
     - `s_min`: minimum spike size (0: the convex problem; > 0: thresholded pools, a heuristic).
@@ -852,7 +873,7 @@ def deconvolve_batch(
     if g is not None:
         p = int(np.shape(g)[-1])
     _check_static(p, s_min, lam, max_iter)
-    b_free, b_value = _mode(baseline, "baseline")
+    b_free, b_value = _mode(baseline, "baseline", nonneg=True)
     c1_free, c1_value = _mode(c1, "c1")
     if length is None:
         length = np.full(N, T, np.int32)
@@ -914,7 +935,7 @@ def _n_blocks(N: int, threads: int | None) -> int:
 
 
 def deconvolve(
-    y, g=None, sn=None, *, p: int = 2, baseline=True, c1=True, lam=None, s_min: float = 0.0, max_iter: int = 30
+    y, g=None, sn=None, *, p: int = 2, baseline="nonneg", c1=True, lam=None, s_min: float = 0.0, max_iter: int = 30
 ) -> DeconvResult:
     """Deconvolve ONE trace (see the module docstring for the problem and the algorithm); jit- and vmap-able.
 
@@ -941,7 +962,7 @@ def deconvolve(
         return jax.tree_util.tree_map(lambda x: x[0], out)
     if g is None or sn is None:
         raise ParameterError("deconvolve inside jit/vmap needs g and sn; estimate them first (noise.estimate_ar).")
-    b_free, b_value = _mode(baseline, "baseline")
+    b_free, b_value = _mode(baseline, "baseline", nonneg=True)
     c1_free, c1_value = _mode(c1, "c1")
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.floating):

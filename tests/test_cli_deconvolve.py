@@ -102,6 +102,25 @@ def test_trace_lengths_rules():
         trace_lengths(np.ones((1, 5)), "f")
 
 
+def test_baseline_options(tmp_path, capsys):
+    """Default: baseline estimated and kept >= 0; --free-baseline lets it go negative; --no-baseline fixes it at 0."""
+    Y = traces(n=2) - 1.3  # resting level below 0
+    src = tmp_path / "neg.npy"
+    np.save(src, Y.astype(np.float32))
+    outs = {}
+    for flag in ("", "--free-baseline", "--no-baseline"):
+        out = tmp_path / f"out{flag}.npz"
+        assert main(["deconvolve", str(src), "--p", "1", "-o", str(out)] + ([flag] if flag else [])) == 0
+        outs[flag] = np.load(out)
+    text = capsys.readouterr().out
+    assert "baseline estimated >= 0" in text and "either sign" in text and "baseline 0" in text
+    np.testing.assert_array_equal(outs[""]["b"], 0)
+    np.testing.assert_array_equal(outs["--no-baseline"]["b"], 0)
+    assert np.all(outs["--free-baseline"]["b"] < -0.1)
+    assert main(["deconvolve", str(src), "--no-baseline", "--free-baseline", "-o", str(tmp_path / "x.npz")]) == 2
+    assert "contradict" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
+
+
 def test_errors_are_clear_and_write_nothing(tmp_path, capsys):
     Y = traces(n=2)
     Y[1, 100] = np.nan

@@ -204,6 +204,36 @@ def test_compiles_once_per_shape():
 
 
 @pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
+def test_nonneg_baseline_matches_reference(g):
+    """baseline="nonneg" (the default): where the free baseline comes out negative the solution is the exact optimum with
+    b = 0 (dense float64 reference and a certified duality gap); where it is positive, the free solution."""
+    rng = np.random.default_rng(13)
+    T = 300
+    Y = np.stack([R.simulate_trace(rng, T, g, 0.3, b=b) for b in (-0.4, -0.1, 0.6, 1.5)])
+    sns = np.full(4, 0.3)
+    with jax.enable_x64(True):
+        free = deconvolve_batch(Y, np.array(g), sns, baseline=True)
+        nonneg = deconvolve_batch(Y, np.array(g), sns)
+    assert float(free.b[0]) < 0 and float(free.b[1]) < 0 and float(free.b[3]) > 0
+    for i in range(4):
+        y, s = Y[i], np.asarray(nonneg.s[i], np.float64)
+        b = float(nonneg.b[i])
+        if float(free.b[i]) < 0:
+            assert b == 0.0
+            ref = R.constrained_nnls(y, g, 0.3, b=0.0)
+            assert float(np.sum(s)) == pytest.approx(ref["obj"], rel=1e-6)
+            np.testing.assert_allclose(np.asarray(nonneg.c[i]), ref["c"], atol=1e-5 * np.ptp(y))
+            r = y - np.asarray(nonneg.c[i])
+            obj, lb = R.constrained_gap(y, g, 0.3, s, b_free=False, b=0.0, r=r)
+            assert (obj - lb) / obj <= 1e-6
+        else:
+            np.testing.assert_allclose(np.asarray(nonneg.c[i]), np.asarray(free.c[i]), rtol=1e-9, atol=1e-12)
+            assert b == pytest.approx(float(free.b[i]), rel=1e-9)
+    with pytest.raises(ParameterError, match="nonneg"):
+        deconvolve_batch(Y, np.array(g), sns, baseline="positive")
+
+
+@pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
 def test_row_blocks_on_threads_match_one_block(g):
     """Splitting the rows over threads (130 rows into 2 blocks, the last padded) changes no result; a bad `threads`
     value is refused before anything runs."""

@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
                    "constraint")
     p.add_argument("--s-min", type=float, default=0.0, help="minimum spike size (smaller spikes are set to 0)")
     p.add_argument("--no-baseline", action="store_true", help="fix the baseline at 0 instead of estimating it")
+    p.add_argument("--free-baseline", action="store_true",
+                   help="let the estimated baseline be negative (default: estimated and kept >= 0, as OASIS does)")
     p.add_argument("--layout", choices=("auto", "rows", "columns"), default="auto",
                    help="for .csv: one trace per row or per column (default: columns if there is a header)")
     p.add_argument("--header", choices=("auto", "yes", "no"), default="auto",
@@ -178,6 +180,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ParameterError(f"-o {args.output}: is a folder; give a file name ending in .npz.")
     if args.fps is not None and not (np.isfinite(args.fps) and args.fps > 0):
         raise ParameterError(f"--fps {args.fps}: expected a positive frame rate in Hz.")
+    if args.no_baseline and args.free_baseline:
+        raise ParameterError("--no-baseline and --free-baseline contradict each other; give at most one.")
     if args.lam is not None and not (np.isfinite(args.lam) and args.lam >= 0):
         raise ParameterError(f"--lam {args.lam}: expected a non-negative number.")
     if not (np.isfinite(args.s_min) and args.s_min >= 0):
@@ -232,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = trace_lengths(Y, args.traces, what)
     N, T = Y.shape
     sn, g = kinetics(Y, lengths, args.p, fps=args.fps, tau_decay=args.tau_decay, tau_rise=args.tau_rise)
-    out = solve(Y, lengths, g, sn, p=args.p, baseline=0.0 if args.no_baseline else True, lam=args.lam,
-                s_min=args.s_min)
+    out = solve(Y, lengths, g, sn, p=args.p, baseline=baseline_option(args), lam=args.lam, s_min=args.s_min)
     pad = np.arange(T)[None, :] >= lengths[:, None]
     for k in ("c", "s"):
         out[k] = np.where(pad, np.nan, out[k]).astype(np.float32)
@@ -246,6 +249,16 @@ def run(args: argparse.Namespace) -> int:
     _write_npz(args.output, out)
     print(summary(args, out, N, T, what, time.perf_counter() - t0))
     return 0
+
+
+BASELINE_TEXT = {"0.0": "baseline 0", "True": "baseline estimated (either sign)", "nonneg": "baseline estimated >= 0"}
+
+
+def baseline_option(args: argparse.Namespace):
+    """`deconvolve_batch`'s `baseline` from --no-baseline / --free-baseline."""
+    if args.no_baseline:
+        return 0.0
+    return True if args.free_baseline else "nonneg"
 
 
 def _write_npz(path: str, arrays: dict) -> None:
@@ -261,7 +274,7 @@ def summary(args, out: dict, N: int, T: int, what: str, seconds: float) -> str:
     lines = [
         f"deconvolved {N} trace(s) (one per {what}) of {int(out['lengths'].min())}..{T} frames from {args.traces}, "
         f"AR({args.p}), {'penalised lam=%g' % args.lam if args.lam is not None else 'noise-constrained'}, "
-        f"{'baseline 0' if args.no_baseline else 'baseline estimated'}, in {seconds:.1f} s",
+        f"{BASELINE_TEXT[str(baseline_option(args))]}, in {seconds:.1f} s",
         f"noise sn: median {np.median(out['sn']):.4g} (range {out['sn'].min():.4g}..{out['sn'].max():.4g})",
     ]
     if "tau_decay" in out:
