@@ -247,6 +247,9 @@ def dendrite_init(
     n_iter_joint: int = 20,
     n_iter_background: int = 5,
     chunk_frames: int = 500,
+    peel: bool = True,
+    z_peel: float = 5.0,
+    peel_fraction: float = 0.1,
 ) -> InitResult:
     """Event-triggered sparse start for dendrites and axons: the fit's `init="dendrite"` (CaImAn: `sparse_nmf`).
 
@@ -369,6 +372,14 @@ def dendrite_init(
     Cz = jnp.asarray(np.stack(kept_c, 0), dtype)
     support = jnp.asarray(_dilate_cross(np.stack(kept_a, 1) > 0, (H, W), 1))
     Az, Cz = _hals_supported(Z, Az, Cz, support, int(n_iter_joint))
+    if peel:
+        Az_np, Cz_np, kept_idx = peel_shared_activity(np.asarray(Az), np.asarray(Cz), (H, W), smooth=smooth, thr=thr,
+                                                      z=z_peel, min_fraction=peel_fraction, reach=sep)
+        if kept_idx.size < Az.shape[1] or not np.array_equal(Az_np > 0, np.asarray(Az) > 0):
+            kept_peak = [kept_peak[i] for i in kept_idx]
+            support = jnp.asarray(_dilate_cross(Az_np > 0, (H, W), 1))
+            Az, Cz = _hals_supported(Z, jnp.asarray(Az_np, dtype), jnp.asarray(Cz_np, dtype), support,
+                                     int(n_iter_joint))
     del Z
     A = Az * sn[:, None]  # back to movie units (of the high-passed movie)
     na = jnp.sqrt(jnp.sum(A * A, axis=0))
@@ -425,3 +436,106 @@ def _centres(A: np.ndarray, H: int, W: int) -> np.ndarray:
     rows, cols = np.divmod(np.arange(H * W), W)
     tot = np.maximum(A.sum(0), 1e-30)
     return (np.stack([rows @ A, cols @ A], 1) / tot[:, None]).astype(np.float32).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------------------------------------- shared activity
+
+
+def _trimmed_scale(ci: np.ndarray, cj: np.ndarray, sd_j: float, n_iter: int = 8) -> tuple[float, float, int]:
+    """Scale `alpha >= 0` of `ci` inside `cj` under the model cj = alpha ci + r + noise, r >= 0 sparse (cj's own events).
+
+    Least squares through the origin on the frames where cj does not show an event of its own (residual below 2.5
+    noise sd), re-selected from the current fit a few times (a trimmed regression: frames of cj's own events would
+    bias alpha up; frames where ci is active and cj is not pull it down, as they should).
+
+    **Returns:** `(alpha, z, n)`: the scale, its size in standard errors (`alpha ||ci|| / sd_j` over the frames used),
+    and the number of frames used.
+    """
+    keep = np.ones(ci.size, bool)
+    alpha = 0.0
+    for _ in range(n_iter):
+        den = float(ci[keep] @ ci[keep])
+        if den <= 0:
+            return 0.0, 0.0, 0
+        alpha = max(0.0, float(ci[keep] @ cj[keep]) / den)
+        new = (cj - alpha * ci) < 2.5 * sd_j
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    den = float(ci[keep] @ ci[keep])
+    return alpha, alpha * math.sqrt(max(den, 0.0)) / max(sd_j, 1e-30), int(keep.sum())
+
+
+def peel_shared_activity(A: np.ndarray, C: np.ndarray, shape, *, smooth: int, thr: float, z: float = 5.0,
+                         min_fraction: float = 0.25, reach: int = 2):
+    """Move activity shared by two touching components onto the one that carries it alone.
+
+    The model is degenerate for a branch with local events: on the branch's pixels the process's back-propagating
+    events and the branch's own ones add up, so (trunk, c_process) + (branch, c_process + c_branch) fits the data
+    exactly as well as the simulated truth (trunk + branch, c_process) + (branch, c_branch). A start seeded on a
+    branch event lands on the first form, and the fit's merging then joins the branch to its process (their traces
+    correlate), losing the branch-local component. The same holds for a process split into pieces (a piece whose
+    trace is the process's own). Among the equally good fits, the sparse-activity prior of the model picks the one
+    whose traces have the fewest events: if c_j contains alpha c_i (i, j with touching supports; alpha by
+    `_trimmed_scale`, significant at `z` standard errors and at least `min_fraction` of c_j's energy), then
+    a_i += alpha a_j and c_j -= alpha c_i (A C unchanged up to the clip at 0). A component left without any event
+    above `thr` (peak of its `smooth`-frame moving sum, in noise units) was a piece of its neighbour and is dropped.
+    Pairs are applied greedily, largest explained energy first, until none qualifies.
+
+    **Arguments:** `A` (d, K) whitened footprints, `C` (K, T) traces (unit pixel noise: a trace's noise sd is
+    1 / ||a||), `shape` (H, W), `smooth`, `thr` as in `dendrite_init`; `z`, `min_fraction` the tests above; `reach`
+    pixels of 4-connected dilation within which two supports touch.
+
+    **Returns:** `(A, C, kept)`: the new footprints and traces of the kept components and their indices in the input.
+    """
+    A = np.array(A, np.float64)
+    C = np.array(C, np.float64)
+    K = A.shape[1]
+    if K < 2:
+        return A, C, np.arange(K)
+    near = _dilate_cross(A > 0, shape, int(reach)).astype(np.float32)
+    touch = (near.T @ (A > 0).astype(np.float32)) > 0
+    touch = touch | touch.T
+    np.fill_diagonal(touch, False)
+    alive = np.ones(K, bool)
+    done = np.zeros((K, K), bool)  # ordered pairs already moved (each at most once: no cycles)
+    gain = np.zeros((K, K))  # gain[i, j]: energy of c_j explained by c_i where the move qualifies, else 0
+    scale = np.zeros((K, K))
+
+    def score(i, j):
+        gain[i, j] = 0.0
+        na = float(np.linalg.norm(A[:, j]))
+        if not (alive[i] and alive[j] and touch[i, j]) or done[i, j] or na <= 0:
+            return
+        alpha, zz, _ = _trimmed_scale(C[i], C[j], 1.0 / na)
+        e = alpha * alpha * float(C[i] @ C[i])
+        if zz > z and e >= min_fraction * float(C[j] @ C[j]):
+            gain[i, j], scale[i, j] = e, alpha
+
+    for i, j in zip(*np.nonzero(touch)):
+        score(i, j)
+    w = max(1, min(int(smooth), C.shape[1]))
+    for _ in range(4 * K):
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        if gain[i, j] <= 0:
+            break
+        alpha = scale[i, j]
+        done[i, j] = True
+        A[:, i] += alpha * A[:, j]
+        C[j] = np.maximum(C[j] - alpha * C[i], 0.0)
+        cs = np.concatenate([[0.0], np.cumsum(C[j])])
+        if float(np.max(cs[w:] - cs[:-w])) / math.sqrt(w) * float(np.linalg.norm(A[:, j])) <= thr:
+            alive[j] = False
+        touch[i] |= touch[j]
+        touch[:, i] |= touch[:, j]
+        touch[i, i] = False
+        for k in np.flatnonzero(touch[i] | touch[j]):
+            for a, b in ((i, k), (k, i), (j, k), (k, j)):
+                if a != b:
+                    score(a, b)
+        gain[i, j] = gain[j, i] = 0.0
+        if not alive[j]:
+            gain[j, :] = 0.0
+            gain[:, j] = 0.0
+    kept = np.flatnonzero(alive)
+    return A[:, kept], C[kept], kept
