@@ -294,19 +294,19 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _affine_scan(a, b, reverse=False):
-    """z_t = a_t z_{t-1} + b_t (z_{t+1} when `reverse`) from z = 0, along the first axis, by a parallel scan."""
+def _linear_recurrence(a, b, reverse=False):
+    """z_t = a_t z_{t-1} + b_t (z_{t+1} when `reverse`) from z = 0, along the first axis, by a sequential scan (on CPU
+    cheaper than a log-depth `associative_scan`, which passes over the whole array about 2 log2(T) times)."""
 
-    def compose(first, second):
-        a1, b1 = first
-        a2, b2 = second
-        return a2 * a1, a2 * b1 + b2
+    def step(z, ab):
+        z = ab[0] * z + ab[1]
+        return z, z
 
-    return jax.lax.associative_scan(compose, (a, b), reverse=reverse)[1]
+    return jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse)[1]
 
 
 def _on_pools_ar1(xs, starts, pinned, ker: _Kernel, length):
-    """`_on_pools` for AR(1), where pools are independent: two parallel scans, no scatter or gather."""
+    """`_on_pools` for AR(1), where pools are independent: two linear recurrences, no scatter or gather."""
     T = xs.shape[0]
     t = jnp.arange(T)
     g = ker.g1
@@ -315,10 +315,10 @@ def _on_pools_ar1(xs, starts, pinned, ker: _Kernel, length):
     l = jnp.clip(next_start - t, 1, T)
     ends = jnp.concatenate([starts[1:], jnp.ones(1, bool)]) | (t + 1 >= length)  # last frame of a pool
     # A_t0 = sum_k g^k x_{t0+k}: a reverse recursion restarted at each pool end
-    A = _affine_scan(jnp.where(ends, 0, g).astype(xs.dtype)[:, None] * jnp.ones_like(xs), xs, reverse=True)
+    A = _linear_recurrence(jnp.where(ends, 0, g).astype(xs.dtype)[:, None], xs, reverse=True)
     v = jnp.where(starts[:, None], A / ker.H2(l)[:, None], 0)
     v = v * jnp.where((t == 0) & pinned, 0, 1).astype(xs.dtype)[:, None]
-    c = _affine_scan(jnp.where(starts, 0, g).astype(xs.dtype)[:, None] * jnp.ones_like(xs), v)
+    c = _linear_recurrence(jnp.where(starts, 0, g).astype(xs.dtype)[:, None], v)
     return jnp.where((t < length)[:, None], c, 0)
 
 
