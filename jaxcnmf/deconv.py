@@ -22,9 +22,11 @@ How it is solved:
    vmaps. An estimated c1 is simply an unpenalised first spike.
 2. On a fixed pool structure the solution is a linear map M of the shifted data, so the residual is affine in (lam, b):
    b follows from sum(r) = 0 (or is held at 0 when that would make it negative and b >= 0 is asked for) and lam from
-   the quadratic ||r(lam)||^2 = sn^2 T, in closed form. Steps 1 and 2 alternate
+   the quadratic ||r(lam)||^2 = sn^2 T, in closed form. For AR(1), M is an orthogonal projection onto the pools, so
+   the sums this needs come from the pools' own running sums (no pass over the frames). Steps 1 and 2 alternate
    until the pool structure no longer changes, which is the exact optimum of the convex problem (the structure is a
-   fixed point: pool-adjacent-violators at that (lam, b) returns it, and (lam, b) are optimal on it).
+   fixed point: pool-adjacent-violators at that (lam, b) returns it, and (lam, b) are optimal on it). Long traces
+   (T >= 4096) start from the (b, lam) of their first 1,024 frames, which saves most of the full-length passes.
 3. The returned solution is recomputed from the final pool structure with plain differentiable array code, with the
    search itself behind `stop_gradient`: `jax.grad` of anything computed from the result differentiates the exact
    solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
@@ -33,7 +35,11 @@ How it is solved:
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
 rule of Friedrich et al. 2017) is only close; here it is a warm start for an exact primal-dual active-set method on
 the dual, a box-constrained QP whose Hessian G G' is pentadiagonal (each step one O(T) banded solve, usually a few
-steps). The tests certify optimality with a duality gap.
+steps; block principal pivoting's backup rule keeps it from cycling). (b, lam) are first converged with greedy
+merging, so the active-set passes start close to the end. The tests certify optimality with a duality gap.
+
+`deconvolve_batch` runs on CPU one vmapped batch per core (row blocks on a thread pool): XLA runs a vmapped
+sequential loop on one core.
 
 `s_min > 0` is the thresholded variant (OASIS-style): pools whose starting spike is below `s_min` are merged into the
 pool before (greedy pools for AR(2) too), so every reported spike is 0 or >= s_min. It is a heuristic for a non-convex
@@ -756,7 +762,7 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------------------
 
-_PREFIX = 1024  # frames of the warm-start solve for long AR(1) traces
+_PREFIX = 1024  # frames of the warm-start solve for long traces (T >= 4 _PREFIX)
 
 _TRACE_COUNT = {"batch": 0}  # how many times the batched core was traced (compile-once test)
 
