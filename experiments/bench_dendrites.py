@@ -10,7 +10,21 @@ Ground truth for matching: every component of the simulator's `Truth` separately
 branch-local components), because each is its own rank-1 term a_k c_k of the model with its own activity; a fit that
 recovers the model exactly recovers each of them (see tests/test_dendrites.py for the argument). Scores are over the
 accepted components (Jaccard matching, masks at 0.2 of each footprint's max, Jaccard >= 0.3). The score restricted to
-the whole processes is printed too. Prints the ratio of times (dendrite / somatic settings), writes a figure of
+the whole processes is printed too.
+
+Is this fair? Review (2026-11-25): (1) Matching is on footprints only, one to one, so a whole-process estimate
+cannot also count as its branch (the branch mask is a part of the process mask, Jaccard = its share of the
+process, and the Hungarian assignment uses each estimate once); a branch estimate whose trace still carries its
+process's back-propagating events does count as found, which the median trace correlation (reported alongside)
+then penalises: lenient on footprints, strict on traces. (2) The truth is demanding at the low end: the simulator
+gives a branch events at half its process's rate and draws how many it gets, so at peak SNR 5 some branch-local
+components have 1-2 events at a pixel peak SNR near 1 over 3000 frames; even a detector that knew the footprint and
+trace would see them at a z-score ("oracle SNR", ||a|| ||c - mean|| / sn) of ~10-20, below what a search over every
+position and time can separate from noise. They are kept in the score (no truth is filtered out after the fact),
+and each miss is printed with its pixels, events, peak SNR and oracle SNR so the reader can see which misses are
+at that limit; the RESULTS row counts the misses with <= 2 events.
+
+Prints the ratio of times (dendrite / somatic settings), writes a figure of
 estimated vs true footprints to experiments/out/dendrites.png and appends a row to experiments/RESULTS.md.
 """
 
@@ -100,8 +114,12 @@ def outline_figure(path, truth, results: dict) -> None:
         matched = set(m.pairs[:, 0].tolist())
         for k, mk in enumerate(masks):
             ax.contour(mk.astype(float), levels=[0.5], colors=["lime" if k in matched else "red"], linewidths=0.8)
+        found = set(m.pairs[:, 1].tolist())
+        for k, mk in enumerate(binarize_footprints(truth.A)):
+            if k not in found:
+                ax.contour(mk.astype(float), levels=[0.5], colors=["yellow"], linewidths=0.8, linestyles="dashed")
         ax.set_title(f"{name}: F1 {m.f1:.2f} (P {m.precision:.2f}, R {m.recall:.2f})\n"
-                     "green matched, red unmatched; grey = truth")
+                     "green matched, red unmatched estimate, yellow dashed missed truth")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -241,8 +241,8 @@ def dendrite_init(
     peak_snr: float | None = None,
     min_pixels: int | None = None,
     dup_corr: float = 0.7,
-    n_seeds: int = 16,
-    max_rounds: int = 12,
+    n_seeds: int | None = None,
+    max_rounds: int = 24,
     n_iter: int = 8,
     n_iter_joint: int = 20,
     n_iter_background: int = 5,
@@ -262,7 +262,10 @@ def dendrite_init(
     kept if its footprint has at least `min_pixels` pixels and its trace does not correlate above `dup_corr` with an
     overlapping component already kept (else its seed is marked exhausted); kept ones are subtracted from Z. Stops
     when a round keeps nothing, after `max_rounds`, or at `K`. (3) `n_iter_joint` joint HALS sweeps of all
-    footprints (each within a one-pixel band around its support) and traces on Z, back in movie units. (4) Full-rate
+    footprints (each within a one-pixel band around its support) and traces on Z; then `peel_shared_activity` moves
+    activity that two touching components share onto the one that carries it alone (a branch start that also holds
+    its process's back-propagating events, a process found in pieces), and the joint sweeps are repeated; back in
+    movie units. (4) Full-rate
     traces: non-negative least squares of the high-passed movie onto the footprints; background: rank-`nb` HALS of
     Y - A C.
 
@@ -279,9 +282,14 @@ def dendrite_init(
       pixel-frames searched, i.e. about one false seed per movie from noise alone).
     - `min_pixels`: smallest footprint kept (default `max(6, 4 * width)`: a short stretch of process).
     - `dup_corr`: trace correlation above which an overlapping candidate is a duplicate.
-    - `n_seeds`, `max_rounds`, `n_iter`, `n_iter_joint`, `n_iter_background`: sizes of the search (fixed shapes,
-      so each round compiles once).
+    - `n_seeds`: seeds refined per round (default 16 per 128x128 pixels, at least 16: a round's cost is mostly its
+      passes over the movie, so a larger field takes more seeds per round rather than more rounds).
+    - `max_rounds`: safeguard on the number of rounds (the search normally stops by itself when a round keeps
+      nothing; 12 rounds of 16 seeds cut the search short on a 256x256 field with 30 processes and their branches).
+    - `n_iter`, `n_iter_joint`, `n_iter_background`: sizes of the search (fixed shapes, so each round compiles
+      once).
     - `chunk_frames`: frames per chunk when projecting the full-rate movie.
+    - `peel`, `z_peel`, `peel_fraction`: run `peel_shared_activity` (its `z` and `min_fraction`) after step (3).
 
     **Returns:** an `InitResult` (A columns of unit l2 norm; `centers` the footprints' centres of mass; `psnr` each
     component's seed peak SNR).
@@ -314,6 +322,7 @@ def dendrite_init(
     Z = Xb / sn[:, None]
     del Xb
     thr = default_peak_threshold(d * Tb / smooth) if peak_snr is None else float(peak_snr)
+    n_seeds = max(16, 16 * -(-d // 16384)) if n_seeds is None else int(n_seeds)
 
     # (2) rounds of event-triggered candidates
     exhausted = jnp.zeros(d, bool)

@@ -102,6 +102,78 @@ def test_hals_supported_is_a_stationary_point_on_the_support():
     np.testing.assert_allclose(gC[C > 1e-9], 0, atol=1e-6)
 
 
+def _sparse_trace(rng, T, n_events, tau=8.0):
+    s = np.zeros(T)
+    s[rng.choice(T - 10, n_events, replace=False)] = rng.uniform(1.0, 2.0, n_events)
+    return np.convolve(s, np.exp(-np.arange(60) / tau))[:T]
+
+
+def test_trimmed_scale_recovers_the_shared_part():
+    """cj = alpha ci + own events + noise: the trimmed fit finds alpha; independent traces give alpha ~ 0."""
+    rng = np.random.default_rng(5)
+    T = 3000
+    ci, own = _sparse_trace(rng, T, 40), _sparse_trace(rng, T, 20)
+    cj = 0.7 * ci + own + 0.05 * rng.normal(size=T)
+    alpha, z, n = D._trimmed_scale(ci, cj, 0.05)
+    assert abs(alpha - 0.7) < 0.03 and z > 50 and n < T
+    other = _sparse_trace(rng, T, 40) + 0.05 * rng.normal(size=T)
+    alpha0, z0, _ = D._trimmed_scale(ci, other, 0.05)
+    assert alpha0 < 0.05
+
+
+def _lines(H=24, W=40):
+    trunk = np.zeros((H, W))
+    trunk[12, 2:38] = 1.0
+    trunk[11, 2:38] = trunk[13, 2:38] = 0.4
+    branch = np.zeros((H, W))
+    for r in range(2, 11):  # a branch leaving the trunk upwards at column 20
+        branch[r, 20] = 1.0
+        branch[r, 19] = branch[r, 21] = 0.4
+    return trunk.ravel(), branch.ravel()
+
+
+def test_peel_moves_back_propagating_events_off_the_branch():
+    """(trunk, c_P) + (branch, c_P + c_B) -> (trunk + branch, c_P) + (branch, c_B): same A C, sparser traces."""
+    rng = np.random.default_rng(6)
+    T = 1500
+    trunk, branch = _lines()
+    cP, cB = 4 * _sparse_trace(rng, T, 30), 4 * _sparse_trace(rng, T, 12)
+    A = np.stack([trunk, branch], 1)
+    C = np.stack([cP, cP + cB]) + 0.05 * rng.normal(size=(2, T))
+    A2, C2, kept = D.peel_shared_activity(A, C, (24, 40), smooth=3, thr=5.0)
+    assert kept.tolist() == [0, 1]
+    assert np.corrcoef(C2[1], cB)[0, 1] > 0.98 and np.corrcoef(C2[1], cP)[0, 1] < 0.2
+    np.testing.assert_allclose(A2[:, 0], trunk + branch, atol=0.05)  # the process now covers its branch
+    np.testing.assert_allclose(A2[:, 1], branch)
+    err = np.abs(A2 @ C2 - A @ C).max()
+    assert err < 0.3, err  # the product is kept (up to the clip of the noise at 0)
+
+
+def test_peel_drops_a_piece_of_a_process_and_leaves_crossings_alone():
+    rng = np.random.default_rng(7)
+    T = 1500
+    trunk, branch = _lines()
+    c = 4 * _sparse_trace(rng, T, 30)
+    half1, half2 = trunk.copy(), trunk.copy()
+    half1.reshape(24, 40)[:, 20:] = 0
+    half2.reshape(24, 40)[:, :20] = 0
+    # a process found as two pieces carrying the same trace: one piece absorbs the other, which is dropped
+    A = np.stack([half1, half2], 1)
+    C = np.stack([c, c]) + 0.05 * rng.normal(size=(2, T))
+    A2, C2, kept = D.peel_shared_activity(A, C, (24, 40), smooth=3, thr=5.0)
+    assert kept.size == 1
+    np.testing.assert_allclose(A2[:, 0], trunk, atol=0.05)
+    # two crossing processes with independent activity: nothing moves
+    cross = np.zeros((24, 40))
+    cross[:, 10] = 1.0
+    A = np.stack([trunk, cross.ravel()], 1)
+    C = np.stack([c, 4 * _sparse_trace(rng, T, 30)]) + 0.05 * rng.normal(size=(2, T))
+    A2, C2, kept = D.peel_shared_activity(A, C, (24, 40), smooth=3, thr=5.0)
+    assert kept.tolist() == [0, 1]
+    np.testing.assert_array_equal(A2, A)
+    np.testing.assert_array_equal(C2, C)
+
+
 # ----------------------------------------------------------------------------------------------- the start
 
 
