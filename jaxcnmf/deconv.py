@@ -35,8 +35,8 @@ How it is solved:
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
 rule of Friedrich et al. 2017) is only close; here it is a warm start for an exact primal-dual active-set method on
 the dual, a box-constrained QP whose Hessian G G' is pentadiagonal (each step one O(T) banded solve, usually a few
-steps; block principal pivoting's backup rule keeps it from cycling). (b, lam) are first converged with greedy
-merging, so the active-set passes start close to the end. The tests certify optimality with a duality gap.
+steps; block principal pivoting's backup rule keeps it from cycling). On long traces (b, lam) are first converged
+with greedy merging, so the active-set passes start close to the end. The tests certify optimality with a duality gap.
 
 `deconvolve_batch` runs on CPU one vmapped batch per core (row blocks on a thread pool): XLA runs a vmapped
 sequential loop on one core.
@@ -728,12 +728,15 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
         y0 = jnp.where(m0, y_s[:_PREFIX], 0)
         b_pre, lam_pre, _ = alternate(y0, a0, m0, n0, zero, lam0, (first[0][:_PREFIX], first[1]), exact=False)
         b_pre = b_pre if b_free else zero
-    if exact2:
-        # AR(2): converge (b, lam) with greedy pool merging first (cheap, and close to exact), so the active-set
-        # search starts from a nearly right support at nearly the right (b, lam) and needs a step or two per pass
+    if exact2 and long:
+        # long AR(2) traces: converge (b, lam) with greedy pool merging first (cheap, and close to exact), so the
+        # active-set search starts from a nearly right support at nearly the right (b, lam) and needs few steps
         b_pre, lam_pre, (starts, pinned) = alternate(
-            y_s, a_s, mask, length, b_pre, lam_pre, first, exact=False, iters=min(max_iter, 3 if long else 8)
+            y_s, a_s, mask, length, b_pre, lam_pre, first, exact=False, iters=min(max_iter, 3)
         )
+        first = (starts & ~((t == 0) & pinned), jnp.bool_(False))
+    elif exact2:  # short ones: one greedy pass at the first guess is warm start enough (and compiles faster)
+        starts, pinned, _ = _pav(jnp.where(mask, y_s - lam0 * a_s, 0), ker_s, length, s_min)
         first = (starts & ~((t == 0) & pinned), jnp.bool_(False))
     _, _, structure = alternate(y_s, a_s, mask, length, b_pre, lam_pre, first)
     structure = jax.lax.stop_gradient(structure)
