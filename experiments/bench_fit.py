@@ -202,10 +202,14 @@ def part_real(args) -> dict:
               f"figure experiments/out/fit_neurofinder.png")
     if have_suite2p():
         with tempfile.TemporaryDirectory() as tmp:
-            masks, _, t_s2p = suite2p_masks(movie, fps, radius, tmp)
-        ms = match_footprints(masks, regions)
-        row.update(s2p_f1=ms.f1, s2p_precision=ms.precision, s2p_recall=ms.recall, s2p_seconds=t_s2p)
-        result += f"; suite2p P {ms.precision:.3f} R {ms.recall:.3f} F1 {ms.f1:.3f} in {t_s2p:.1f} s"
+            masks_all, iscell, _, t_s2p = run_suite2p(movie, fps, radius, tmp)
+        ms = match_footprints(masks_all[iscell], regions)
+        ms_all = match_footprints(masks_all, regions)
+        row.update(s2p_f1=ms.f1, s2p_precision=ms.precision, s2p_recall=ms.recall, s2p_seconds=t_s2p,
+                   s2p_all_rois=dict(n=ms_all.n_est, f1=ms_all.f1, precision=ms_all.precision, recall=ms_all.recall))
+        result += (f"; suite2p {int(iscell.sum())} cells P {ms.precision:.3f} R {ms.recall:.3f} F1 {ms.f1:.3f} "
+                   f"(all {ms_all.n_est} ROIs before its classifier: P {ms_all.precision:.3f} R {ms_all.recall:.3f} "
+                   f"F1 {ms_all.f1:.3f}) in {t_s2p:.1f} s")
     else:
         result += "; suite2p not importable (not compared)"
     if not args.no_record:

@@ -152,10 +152,10 @@ def test_real_movie_finds_more_labelled_cells():
     """neurofinder_tr (256x256x600, ~7 Hz, 54 anatomical labels, many silent), about 2 minutes on 2 cores.
 
     Before the greedy init fitted footprints on a disc around each seed, the fit returned 10 components (4 labelled
-    cells: P 0.40, R 0.074). Now about 100 (R 0.13, 7 labelled cells); precision against these labels is low
-    (about 0.07): most accepted components are compact active blobs that the labels do not hold, and the footprints
-    that the spatial update gives dim cells are too ragged to reach Jaccard 0.3 with their label. The fast check of
-    the init on this movie is in tests/test_init.py.
+    cells: P 0.40, R 0.074). Now about 100 (11 labelled cells: P 0.11, R 0.20, with the default HALS spatial
+    update). Precision against these labels stays low: 52 of the 87 unmatched components overlap no
+    label at all (compact active blobs that the anatomical labels do not hold). The fast check of the init on this
+    movie is in tests/test_init.py.
     """
     from tests.conftest import shared_path
     from jaxcnmf.io import load_movie
@@ -167,5 +167,5 @@ def test_real_movie_finds_more_labelled_cells():
     res = fit(movie, 4.5, fps=7.0)
     acc = np.asarray(res.accepted, bool)
     m = match_footprints(np.asarray(res.A)[acc], regions)
-    assert m.recall >= 0.11, (m.recall, m.precision, m.n_est)
-    assert m.precision >= 0.05, (m.recall, m.precision, m.n_est)
+    assert m.recall >= 0.18, (m.recall, m.precision, m.n_est)
+    assert m.precision >= 0.09, (m.recall, m.precision, m.n_est)
