@@ -47,7 +47,8 @@ def summary_figure(path: str, image: np.ndarray, A_est: np.ndarray, A_true: np.n
     traces = traces or []
     n_tr = len(traces)
     fig = plt.figure(figsize=(9, 7 + 1.1 * n_tr))
-    ax = fig.add_axes([0.05, 1 - 7 / (7 + 1.1 * n_tr), 0.9, 7 / (7 + 1.1 * n_tr) - 0.07])  # room for the title
+    top = 7 / (7 + 1.1 * n_tr)
+    ax = fig.add_axes([0.05, 1 - top + 0.02, 0.9, top - 0.09])  # room for the title above, a margin below
     ax.imshow(image, cmap="gray")
     if A_true is not None:
         for a in np.asarray(A_true, np.float32):

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
                    help="initialisation: greedy (somata, default), dendrite (event-triggered start for "
                         "dendrites/axons) or sparse_nmf")
     p.add_argument("--spatial-method", choices=("constrained", "hals"), default=None,
-                   help="footprint update: constrained (default) or hals (faster)")
+                   help="footprint update: hals (default; keeps dim cells' footprints whole) or constrained (the "
+                   "per-pixel noise-constrained sparse update)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--repair-nonfinite", action="store_true",
                    help="interpolate NaN/inf pixels instead of stopping with an error")
