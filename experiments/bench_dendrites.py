@@ -119,7 +119,7 @@ def outline_figure(path, truth, results: dict) -> None:
             if k not in found:
                 ax.contour(mk.astype(float), levels=[0.5], colors=["yellow"], linewidths=0.8, linestyles="dashed")
         ax.set_title(f"{name}: F1 {m.f1:.2f} (P {m.precision:.2f}, R {m.recall:.2f})\n"
-                     "green matched, red unmatched estimate, yellow dashed missed truth")
+                     "green matched, red unmatched estimate,\nyellow dashed missed truth", fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

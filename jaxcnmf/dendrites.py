@@ -11,6 +11,9 @@ rank-1 fit on the whole field, keeping only pixels whose projection on the trace
 (and has a significant neighbour, so a one-pixel-wide branch survives but isolated noise pixels do not), subtracted
 from the residual, and the search repeats until no event is left above the noise. Candidates are refined in batches
 (jit + matrix products over a fixed number of seeds per round), so the cost is a few passes over the movie per round.
+A branch with its own events also carries its process's back-propagating ones, so a start seeded on the branch can
+hold both (the model is degenerate there); `peel_shared_activity` moves the shared part onto the process, so the
+fit's merging does not fold the branch back into it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from .init import InitResult, _as_movie, background_hals, gaussian_blur, gaussia
 from .init import _taps_along as _taps
 from .noise import estimate_noise
 
-__all__ = ["dendrite_init", "highpass_movie", "significant_support", "default_peak_threshold"]
+__all__ = ["dendrite_init", "highpass_movie", "significant_support", "default_peak_threshold",
+           "peel_shared_activity"]
 
 
 # ------------------------------------------------------------------------------------------------- preprocessing
