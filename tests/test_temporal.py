@@ -79,7 +79,7 @@ def test_one_group_matches_deconvolving_the_explicit_raw_traces():
         f_ref = np.array([nnls(b, R[:, t])[0] for t in range(R.shape[1])]).T
         np.testing.assert_allclose(np.asarray(res.f), f_ref, rtol=1e-9, atol=1e-9)
         raw = C0 + A.T @ (R - b @ f_ref) / (A**2).sum(axis=0)[:, None]
-        ref = jax.vmap(lambda y, gg, s: deconvolve(y, gg, s, p=2))(raw, g, sn)
+        ref = jax.vmap(lambda y, gg, s: deconvolve(y, gg, s, p=2, baseline=True))(raw, g, sn)  # the fit's setting
         np.testing.assert_allclose(np.asarray(res.C), np.asarray(ref.c), rtol=1e-7, atol=1e-7)
         np.testing.assert_allclose(np.asarray(res.S), np.asarray(ref.s), rtol=1e-7, atol=1e-7)
         np.testing.assert_allclose(np.asarray(res.baseline), np.asarray(ref.b), rtol=1e-7, atol=1e-7)
