@@ -6,8 +6,9 @@ batched call) and by `oasis.functions.deconvolve` (one call per trace); the infe
 summed in 40 ms bins (one frame where frames are slower) and correlated; the median over neurons is reported.
 
 Protocols (each applied identically to both tools):
-- `own`: each tool estimates sn and g its own way (jaxcnmf: PSD log-mean-exp over 0.25-0.5 of the frame rate and
-  Yule-Walker with 5 extra lags; OASIS: its `estimate_parameters`, PSD mean and 10 lags, fudge factor 0.98).
+- `own`: each tool estimates sn and g its own way (jaxcnmf: what `deconvolve_batch` does when sn and g are not
+  given: PSD mean over 0.25-0.5 of the frame rate and Yule-Walker with 5 extra lags; OASIS: its
+  `estimate_parameters`, PSD mean and 10 lags, fudge factor 0.98).
 - `band`: the noise band is set from the data. Spikefinder traces were resampled to 100 Hz from slower recordings,
   so their top frequencies hold no noise at all (the PSD falls by >1e6) and sn from 0.25-0.5 is ~0, which forces
   c = y. Here the band is the upper half of the band that holds signal (`effective_band`): [f_eff/2, f_eff], with
@@ -86,6 +87,7 @@ def padded(recs: list[Recording]) -> tuple[np.ndarray, np.ndarray]:
 
 def kinetics_ours(recs, p: int, protocol: str):
     """jaxcnmf's sn (N,) and g (N, p) per trace (each from its own frames), batched over traces that share a band."""
+    from jaxcnmf.deconv import TRACE_NOISE_METHOD
     from jaxcnmf.noise import estimate_ar, estimate_noise
 
     Y, lengths = padded(recs)
@@ -93,7 +95,7 @@ def kinetics_ours(recs, p: int, protocol: str):
     sn = np.zeros(len(recs), np.float32)
     for band in sorted(set(bands)):
         rows = np.array([i for i, b in enumerate(bands) if b == band])
-        sn[rows] = np.asarray(estimate_noise(Y[rows], freq_range=band, length=lengths[rows]))
+        sn[rows] = np.asarray(estimate_noise(Y[rows], freq_range=band, length=lengths[rows], method=TRACE_NOISE_METHOD))
     g = np.asarray(estimate_ar(Y, p, sn=sn, length=lengths))
     return sn, g
 

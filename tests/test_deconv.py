@@ -298,13 +298,16 @@ def test_deconvolve_is_jit_and_vmap_able():
 
 
 def test_estimates_g_and_sn_when_missing():
-    """g and sn default to noise.estimate_ar / estimate_noise (rows of the compile-once test's shape)."""
+    """g and sn default to noise.estimate_ar / estimate_noise with the PSD mean (rows of the compile-once test's shape)."""
     pytest.importorskip("jaxcnmf.noise")
     rng = np.random.default_rng(12)
     Y = np.stack([R.simulate_trace(rng, 400, AR1, 0.2, rate=0.05) for _ in range(3)]).astype(np.float32)
     out = deconvolve_batch(Y, p=1)
     assert out.g.shape == (3, 1) and np.all((0.7 < np.asarray(out.g)) & (np.asarray(out.g) < 1.0))
     np.testing.assert_allclose(np.asarray(out.sn), 0.2, rtol=0.4)
+    from jaxcnmf.noise import estimate_noise
+
+    np.testing.assert_allclose(np.asarray(out.sn), np.asarray(estimate_noise(Y, method="mean")), rtol=1e-6)
     assert np.all(np.asarray(out.s) >= 0)
 
 

@@ -204,10 +204,11 @@ def kinetics(Y, lengths, p: int, *, fps=None, tau_decay=None, tau_rise=None):
     """sn (N,) and g (N, p) per trace: estimated from each trace's valid frames, or g fixed from the given times."""
     import jax.numpy as jnp
 
+    from ..deconv import TRACE_NOISE_METHOD
     from ..noise import estimate_ar, estimate_noise, tau_to_ar
 
     Yj = jnp.asarray(np.nan_to_num(Y), jnp.float32)
-    sn = estimate_noise(Yj, length=lengths)
+    sn = estimate_noise(Yj, length=lengths, method=TRACE_NOISE_METHOD)
     if tau_decay is not None:
         g = jnp.broadcast_to(tau_to_ar(tau_decay, tau_rise or 0.0, fps, p=p).astype(jnp.float32), (Y.shape[0], p))
     else:
