@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from .errors import ParameterError
-from .init import InitResult, _as_movie, background_hals, gaussian_blur, gaussian_kernel1d
+from .init import InitResult, _as_movie, background_hals, gaussian_blur, gaussian_kernel1d, hals_rows
 from .init import _taps_along as _taps
 from .noise import estimate_noise
 
@@ -168,26 +168,11 @@ def _subtract(Z, a, c):
 @partial(jax.jit, static_argnames=("n_iter",))
 def _hals_supported(Z, A, C, support, n_iter):
     """Joint non-negative least squares refinement of Z ~ A C, each column of A kept on its `support` (HALS)."""
-    K = A.shape[1]
-    tiny = jnp.asarray(1e-12, Z.dtype)
 
     def sweep(_, AC):
         A, C = AC
-        AZ = A.T @ Z
-        AA = A.T @ A
-
-        def upd_c(k, C):
-            return C.at[k].set(jnp.maximum(C[k] + (AZ[k] - AA[k] @ C) / jnp.maximum(AA[k, k], tiny), 0.0))
-
-        C = lax.fori_loop(0, K, upd_c, C)
-        ZC = Z @ C.T
-        CC = C @ C.T
-
-        def upd_a(k, A):
-            col = jnp.maximum(A[:, k] + (ZC[:, k] - A @ CC[:, k]) / jnp.maximum(CC[k, k], tiny), 0.0)
-            return A.at[:, k].set(jnp.where(support[:, k], col, 0.0))
-
-        A = lax.fori_loop(0, K, upd_a, A)
+        C = hals_rows(C, A.T @ Z, A.T @ A)
+        A = hals_rows(A.T, (Z @ C.T).T, C @ C.T, keep=support.T).T
         return A, C
 
     return lax.fori_loop(0, n_iter, sweep, (A, C))
@@ -196,16 +181,7 @@ def _hals_supported(Z, A, C, support, n_iter):
 @partial(jax.jit, static_argnames=("n_iter",))
 def _hals_traces(AtR, AtA, C, n_iter):
     """Non-negative least-squares traces for fixed footprints from A'R (K, T) and A'A (K, K) by HALS sweeps."""
-    K = C.shape[0]
-    tiny = jnp.asarray(1e-12, C.dtype)
-
-    def sweep(_, C):
-        def upd(k, C):
-            return C.at[k].set(jnp.maximum(C[k] + (AtR[k] - AtA[k] @ C) / jnp.maximum(AtA[k, k], tiny), 0.0))
-
-        return lax.fori_loop(0, K, upd, C)
-
-    return lax.fori_loop(0, n_iter, sweep, C)
+    return lax.fori_loop(0, n_iter, lambda _, C: hals_rows(C, AtR, AtA), C)
 
 
 @jax.jit

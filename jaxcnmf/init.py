@@ -403,6 +403,25 @@ def _centres_of_mass(A: jax.Array, H: int, W: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------- background
 
 
+def hals_rows(X: jax.Array, target: jax.Array, gram: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """One HALS sweep over the rows of X >= 0 for min ||M - W X||^2 with W fixed, given target = W'M and gram = W'W.
+
+    Row k becomes max(0, X_k + (target_k - gram_k X) / gram_kk), in order, each row seeing the rows updated before it.
+    The column update of W is the same sweep on the transposes (X -> W', target -> X M', gram -> X X').
+
+    **Arguments:** `X` (K, n); `target` (K, n); `gram` (K, K); `keep` optional (K, n) bool: entries outside it stay 0.
+
+    **Returns:** the updated X.
+    """
+    tiny = jnp.asarray(1e-12, X.dtype)
+
+    def row(k, X):
+        new = jnp.maximum(X[k] + (target[k] - gram[k] @ X) / jnp.maximum(gram[k, k], tiny), 0.0)
+        return X.at[k].set(new if keep is None else jnp.where(keep[k], new, 0.0))
+
+    return lax.fori_loop(0, X.shape[0], row, X)
+
+
 @partial(jax.jit, static_argnames=("n_iter",))
 def background_hals(M: jax.Array, b: jax.Array, f: jax.Array, n_iter: int = 5) -> tuple[jax.Array, jax.Array]:
     """Rank-nb non-negative factorisation M (d, T) ~ b f by HALS sweeps; f rows rescaled to mean 1 at the end.
@@ -412,19 +431,11 @@ def background_hals(M: jax.Array, b: jax.Array, f: jax.Array, n_iter: int = 5) -
 
     **Returns:** `(b, f)` non-negative, each row of f of mean 1 (rows that vanish are left at zero).
     """
-    nb = b.shape[1]
-    tiny = jnp.asarray(1e-12, M.dtype)
 
     def sweep(_, bf):
         b, f = bf
-        bM = b.T @ M
-        bb = b.T @ b
-        for j in range(nb):
-            f = f.at[j].set(jnp.maximum(f[j] + (bM[j] - bb[j] @ f) / jnp.maximum(bb[j, j], tiny), 0.0))
-        Mf = M @ f.T
-        ff = f @ f.T
-        for j in range(nb):
-            b = b.at[:, j].set(jnp.maximum(b[:, j] + (Mf[:, j] - b @ ff[:, j]) / jnp.maximum(ff[j, j], tiny), 0.0))
+        f = hals_rows(f, b.T @ M, b.T @ b)
+        b = hals_rows(b.T, (M @ f.T).T, f @ f.T).T
         return b, f
 
     b, f = lax.fori_loop(0, n_iter, sweep, (b, f))
