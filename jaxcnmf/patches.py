@@ -7,9 +7,10 @@ component kept by the patch that owns its centre, duplicates across borders merg
 and temporal updates from statistics streamed in chunks of frames, so footprints cut at borders grow back whole) ->
 quality per component -> `Result`.
 
-Out of core: the refinement never holds the movie. Every pass reads chunks of frames from the `MovieSource` and keeps
-only per-pixel statistics of size `(pixels, components)`; the spatial and temporal stages of `fit` then run on an
-exactly compressed problem (see `compress_time` and `compress_pixels`). `memory_budget` sets the chunk length.
+Out of core: the refinement (`jaxcnmf.refine`) never holds the movie. Every pass reads a band of rows in chunks of
+frames from the `MovieSource` and keeps only that band's statistics, `(band pixels, components in reach)`; the spatial
+and temporal stages of `fit` then run on an exactly compressed problem (see `compress_time` and `compress_pixels`).
+Patch fits of a long movie see it binned in time (`patch_bin`). `memory_budget` sets the bins and the chunk length.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "owner_map",
     "stitch_patches",
     "refine",
+    "patch_bin",
     "parse_memory_budget",
     "chunk_frames_for_budget",
     "compress_time",
@@ -47,8 +49,13 @@ __all__ = [
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 # arrays of one chunk's size alive at once in a streamed pass (the float32 chunk, its residual, device copies)
 _CHUNK_COPIES = 4
-# copies of one patch's movie alive at once inside a patch fit (movie, pixels x frames copy, init's padded copies)
-_PATCH_COPIES = 8
+# bytes per byte of a patch's float32 movie alive at once inside a patch fit (measured peak of `fit`: its
+# initialisation held ~15 movie-sized arrays on a 256x256x1000 movie, the later stages ~7)
+_PATCH_COPIES = 16
+# memory of a fitting process before any movie: the runtime and the compiled programs (measured ~650 MB)
+_FIT_BASE = 2**30
+# fewest frames a patch fit is given when a long movie is binned in time to fit the budget
+_MIN_FIT_FRAMES = 200
 _MANIFEST = "manifest.json"
 # pixels per block when a whole-field step works block by block (bounds its temporaries)
 _PIXEL_BLOCK = 16384
@@ -226,31 +233,36 @@ class ProgressBar:
 # -------------------------------------------------------------------------------------------------- reading windows
 
 
-def read_window(source, box, chunk_frames: int) -> np.ndarray:
-    """Frames of one patch `(T, r1 - r0, c1 - c0)` float32, read chunk by chunk (peak memory: one chunk + the patch).
+def read_window(source, box, chunk_frames: int, bin: int = 1) -> np.ndarray:
+    """Frames of one patch `(T // bin, r1 - r0, c1 - c0)` float32, read chunk by chunk (peak memory: one chunk + the
+    patch); with `bin > 1`, each output frame is the mean of `bin` consecutive frames (the last `T % bin` frames are
+    left out), so a long movie's patch fits on a shorter movie.
 
     A memory-mapped movie (`.npy`, uncompressed TIFF) without non-finite values is sliced directly, so only the
     patch's rows are read from disk; other sources are read a chunk of whole frames at a time.
 
     **Arguments:**
 
-    - `source`: a `MovieSource`; `box`: `(r0, r1, c0, c1)`; `chunk_frames`: frames per read.
+    - `source`: a `MovieSource`; `box`: `(r0, r1, c0, c1)`; `chunk_frames`: frames per read; `bin`: frames per bin.
 
     **Returns:** float32 array.
     """
     r0, r1, c0, c1 = (int(x) for x in box)
-    T = len(source)
-    out = np.empty((T, r1 - r0, c1 - c0), np.float32)
+    bin = max(1, int(bin))
+    T = (len(source) // bin) * bin
+    out = np.empty((T // bin, r1 - r0, c1 - c0), np.float32)
     mapped = _mapped_array(source)
-    step = max(1, int(chunk_frames))
-    if mapped is not None:
-        for start in range(0, T, step):
-            out[start:start + step] = mapped[start:start + step, r0:r1, c0:c1]
-            release_pages(source)
-        return out
-    for start, chunk in source.iter_chunks(step):
-        out[start:start + len(chunk)] = chunk[:, r0:r1, c0:c1]
+    step = max(bin, (max(1, int(chunk_frames)) // bin) * bin)
+    for start in range(0, T, step):
+        stop = min(start + step, T)
+        if mapped is not None:
+            chunk = np.asarray(mapped[start:stop, r0:r1, c0:c1], np.float32)
+        else:
+            chunk = source.read(start, stop)[:, r0:r1, c0:c1]
         release_pages(source)
+        if bin > 1:
+            chunk = chunk.reshape(-1, bin, r1 - r0, c1 - c0).mean(axis=1, dtype=np.float64)
+        out[start // bin:stop // bin] = chunk
     return out
 
 
@@ -287,13 +299,15 @@ def release_pages(source) -> None:
 @dataclasses.dataclass(frozen=True)
 class PatchJob:
     """One patch fit, everything a worker needs: the movie (a path, an array or a `MovieSource`), the window, the
-    parameters (a dict of `fit.Params` fields), a checkpoint file (or `None`) and the chunk length for reading."""
+    parameters (a dict of `fit.Params` fields, `fps` already divided by `bin`), a checkpoint file (or `None`), the
+    chunk length for reading and the frames per bin the fit sees (1: the movie's own frames)."""
 
     movie: Any
     box: tuple[int, int, int, int]
     params: dict
     checkpoint: str | None = None
     chunk_frames: int = 1000
+    bin: int = 1
 
 
 def _fit_window(window: np.ndarray, params: dict) -> Result:
@@ -317,7 +331,7 @@ def run_patch_job(job: PatchJob) -> Result:
     if job.checkpoint is not None and os.path.exists(job.checkpoint):
         return load_result(job.checkpoint)
     source = open_movie(job.movie, nonfinite=job.params.get("nonfinite", "raise"), check=False)
-    window = read_window(source, job.box, job.chunk_frames)
+    window = read_window(source, job.box, job.chunk_frames, job.bin)
     result = _fit_window(window, job.params)
     if job.checkpoint is not None:
         save_result(job.checkpoint, result)
@@ -433,44 +447,52 @@ def prepare_checkpoints(checkpoint_dir: str | None, boxes: np.ndarray, source, p
 
 @dataclasses.dataclass(frozen=True)
 class Stitched:
-    """Whole-field start for the refinement: A `(d, K)` unit-norm, C `(K, T)`, b `(d, nb)`, f `(nb, T)`, sn `(H, W)`,
-    `patch` `(K,)` the patch each component came from, `merges` the number of cross-border merges."""
+    """Whole-field start for the refinement: A `(d, K)` unit-norm (a `scipy.sparse` CSC matrix), C `(K, T')`, b
+    `(d, nb)`, f `(nb, T')`, sn `(H, W)`, `patch` `(K,)` the patch each component came from, `merges` the number of
+    cross-border merges, `bin` the frames per bin the patch fits saw (T' = T // bin; 1: the movie's own rate)."""
 
-    A: np.ndarray
+    A: Any
     C: np.ndarray
     b: np.ndarray
     f: np.ndarray
     sn: np.ndarray
     patch: np.ndarray
     merges: int
+    bin: int = 1
 
 
-def stitch_patches(results: Sequence[Result], boxes: np.ndarray, shape: tuple[int, int], *, merge_thr: float = 0.85
-                   ) -> Stitched:
+def stitch_patches(results: Sequence[Result], boxes: np.ndarray, shape: tuple[int, int], *, merge_thr: float = 0.85,
+                   bin: int = 1) -> Stitched:
     """Put the patch fits together on the whole field.
 
     1. Each component is kept only by the patch that owns its centre of mass (`owner_map`), so a neuron seen by two
        overlapping patches is kept once.
     2. Components from different patches whose footprints overlap and whose traces correlate above `merge_thr` (the
-       same neuron, its centre estimated on either side of the split line) are merged (`merge.merge_components`).
+       same neuron, its centre estimated on either side of the split line) are merged (rank-1 NMF of their joint
+       contribution, as `merge.merge_components`).
     3. Noise: each pixel's `sn` from the patch that owns it (per-pixel estimates do not depend on the patch).
        Background: traces `f` = the leading `nb` right singular vectors of all patches' background contributions,
        footprints `b` = each owned pixel's least-squares fit of its patch's `b f` on them (the refinement refits both).
 
+    Footprints are kept sparse (a large field holds many small footprints).
+
     **Arguments:**
 
     - `results`: the patch `Result`s; `boxes`: `(n, 4)` patches; `shape`: `(H, W)`; `merge_thr`: correlation threshold.
+    - `bin`: frames per bin of the patch fits (recorded in the result for the refinement).
 
     **Returns:** a `Stitched`.
     """
-    from .merge import merge_components, trace_correlation
+    import scipy.sparse
+
+    from .refine import merge_sparse
 
     H, W = shape
     d = H * W
     owner = owner_map(boxes, shape)
     T = int(results[0].f.shape[1])
     nb = int(results[0].b.shape[0])
-    cols, traces, patch = [], [], []
+    rows, cols, vals, traces, patch = [], [], [], [], []
     sn = np.zeros((H, W), np.float32)
     for p, (res, box) in enumerate(zip(results, boxes)):
         r0, r1, c0, c1 = (int(x) for x in box)
@@ -484,30 +506,35 @@ def stitch_patches(results: Sequence[Result], boxes: np.ndarray, shape: tuple[in
         cc = np.clip(np.round(cen[:, 1]), 0, c1 - c0 - 1).astype(int)
         keep = np.flatnonzero(np.isfinite(cen).all(axis=1) & own[rr, cc])
         for k in keep:
-            full = np.zeros((H, W), np.float32)
-            full[r0:r1, c0:c1] = A_p[k]
-            cols.append(full.reshape(d))
+            y, x = np.nonzero(A_p[k])
+            rows.append((y + r0) * W + x + c0)
+            cols.append(np.full(y.size, len(traces)))
+            vals.append(A_p[k][y, x])
             traces.append(np.asarray(res.C[k], np.float32))
             patch.append(p)
     b, f = _stitch_background(results, boxes, owner, (H, W), nb, T)
-    if not cols:
-        return Stitched(np.zeros((d, 0), np.float32), np.zeros((0, T), np.float32), b, f, sn, np.zeros(0, int), 0)
-    A = np.stack(cols, axis=1)
+    if not traces:
+        return Stitched(scipy.sparse.csc_matrix((d, 0), dtype=np.float32), np.zeros((0, T), np.float32), b, f, sn,
+                        np.zeros(0, int), 0, bin)
+    A = scipy.sparse.csc_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+                                shape=(d, len(traces)))
     C = np.stack(traces)
     patch = np.asarray(patch)
-    groups = _cross_patch_groups(A, C, patch, merge_thr, trace_correlation)
+    groups = _cross_patch_groups(A, C, patch, merge_thr)
     if groups:
-        mr = merge_components(A, C, groups=groups)
-        A, C, patch = np.asarray(mr.A), np.asarray(mr.C), patch[np.asarray(mr.source)]
-    return Stitched(A.astype(np.float32), C.astype(np.float32), b, f, sn, patch, len(groups))
+        A, C, source = merge_sparse(A, C, groups)
+        patch = patch[source]
+    return Stitched(A, C.astype(np.float32), b, f, sn, patch, len(groups), bin)
 
 
-def _cross_patch_groups(A, C, patch, thr, trace_correlation) -> list[list[int]]:
+def _cross_patch_groups(A, C, patch, thr) -> list[list[int]]:
     """Connected sets of components from different patches with overlapping footprints and traces correlated > thr."""
     import scipy.sparse
     import scipy.sparse.csgraph
 
-    support = scipy.sparse.csc_matrix((A > 0).astype(np.float32))
+    from .merge import trace_correlation
+
+    support = scipy.sparse.csc_matrix(A != 0, dtype=np.float32)
     overlap = (support.T @ support).toarray() > 0
     linked = overlap & (trace_correlation(C) > thr) & (patch[:, None] != patch[None, :])
     np.fill_diagonal(linked, False)
@@ -601,15 +628,16 @@ def compress_pixels(MY: np.ndarray, A: np.ndarray, b: np.ndarray, rtol: float = 
 
     **Arguments:**
 
-    - `MY`: `(K + nb, T)` = [A b]' Y, streamed; `A` `(d, K)`; `b` `(d, nb)`.
+    - `MY`: `(K + nb, T)` = [A b]' Y, streamed; `A` `(d, K)` (dense or `scipy.sparse`); `b` `(d, nb)`.
     - `rtol`: eigenvalues below `rtol * max` are dropped.
 
     **Returns:** `(Yp (r, T), Ap (r, K), bp (r, nb))`, float64 if `MY` is float64, else float32.
     """
+    import scipy.sparse
+
     out = np.float64 if np.asarray(MY).dtype == np.float64 else np.float32
     K = A.shape[1]
-    M = np.concatenate([A, b], axis=1)
-    G = _gram(M)
+    G = _gram(scipy.sparse.hstack([scipy.sparse.csc_matrix(A), scipy.sparse.csc_matrix(np.asarray(b))]))
     D, U = np.linalg.eigh(G)
     keep = D > rtol * max(D.max(initial=0.0), 1e-300)
     D, U = D[keep], U[:, keep]
@@ -630,15 +658,18 @@ def _gram(M: np.ndarray) -> np.ndarray:
 
 
 class Streamer:
-    """Passes over a movie in chunks of frames, with the pixels of each chunk sharded over the JAX devices
-    (`NamedSharding` on a 1-D mesh): the statistics of a pass are `(pixels, components)` arrays, never the movie.
+    """Passes over a movie (or a band of its rows) in chunks of frames, with the pixels of each chunk sharded over
+    the JAX devices (`NamedSharding` on a 1-D mesh): the statistics of a pass are `(pixels, components)` arrays,
+    never the movie.
 
     **Arguments:**
 
     - `source`: a `MovieSource`; `chunk_frames`: frames per chunk; `devices`: as in `resolve_devices`.
+    - `band_pixels`: a band's pixels are zero-padded to at least this many, so bands of unequal height share one
+      compiled shape (zero pixels add nothing to any statistic).
     """
 
-    def __init__(self, source, chunk_frames: int, devices=None):
+    def __init__(self, source, chunk_frames: int, devices=None, band_pixels: int | None = None):
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -648,29 +679,48 @@ class Streamer:
         self.chunk = max(1, min(int(chunk_frames), self.T))
         devs = resolve_devices(devices)
         self.n_dev = len(devs)
-        self.dp = -(-self.d // self.n_dev) * self.n_dev
+        self.band_pixels = int(band_pixels or 0)
         mesh = Mesh(np.asarray(devs), ("pix",))
         self.rows = NamedSharding(mesh, P("pix", None))  # (pixels, x) split by pixels
         self.cols = NamedSharding(mesh, P(None, "pix"))  # (frames, pixels) split by pixels
         self.vec = NamedSharding(mesh, P("pix"))
         self.rep = NamedSharding(mesh, P())
         self._jax = jax
+        self._mapped = _mapped_array(source)
 
-    def _put(self, x, sharding, pad_axis=None):
+    def _geometry(self, rows):
+        r0, r1 = (0, self.H) if rows is None else (int(rows[0]), int(rows[1]))
+        n = (r1 - r0) * self.W
+        dp = max(n, self.band_pixels) if rows is not None else n
+        return r0, r1, n, -(-dp // self.n_dev) * self.n_dev
+
+    def _put(self, x, sharding, pad_axis=None, size=None):
         x = np.asarray(x, np.float32)
-        if pad_axis is not None and x.shape[pad_axis] != self.dp:
+        if pad_axis is not None and x.shape[pad_axis] != size:
             pad = [(0, 0)] * x.ndim
-            pad[pad_axis] = (0, self.dp - x.shape[pad_axis])
+            pad[pad_axis] = (0, size - x.shape[pad_axis])
             x = np.pad(x, pad)
         return self._jax.device_put(x, sharding)
 
-    def _chunks(self):
-        for start, chunk in self.source.iter_chunks(self.chunk):
-            release_pages(self.source)
-            n = len(chunk)
-            Y = chunk.reshape(n, self.d)
-            if n < self.chunk or self.dp != self.d:
-                Y = np.pad(Y, ((0, self.chunk - n), (0, self.dp - self.d)))
+    def read(self, start: int, stop: int, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        """Frames `start..stop` of rows `r0..r1`, float32 `(n, r1 - r0, W)` (memory-mapped movies: only those rows
+        are read; mapped pages are released after each read)."""
+        r1 = self.H if r1 is None else r1
+        if self._mapped is not None:
+            out = np.asarray(self._mapped[start:stop, r0:r1], np.float32)
+        else:
+            out = np.ascontiguousarray(self.source.read(start, stop)[:, r0:r1])
+        release_pages(self.source)
+        return out
+
+    def _chunks(self, rows):
+        r0, r1, n_px, dp = self._geometry(rows)
+        for start in range(0, self.T, self.chunk):
+            stop = min(start + self.chunk, self.T)
+            n = stop - start
+            Y = self.read(start, stop, r0, r1).reshape(n, n_px)
+            if n < self.chunk or dp != n_px:
+                Y = np.pad(Y, ((0, self.chunk - n), (0, dp - n_px)))
             yield start, n, self._put(Y, self.cols)
 
     def _window(self, X, start, n):
@@ -679,25 +729,52 @@ class Streamer:
         out[:, :n] = X[:, start:start + n]
         return self._put(out, self.rep)
 
-    def residual_statistics(self, A, C, b, f):
-        """One pass: Zq = z F' `(d, K + nb)` and zz = ||z_i||^2 `(d,)`, z = y - A C - b f, F = [C; f]."""
+    def residual_statistics(self, A, C, b, f, rows=None):
+        """One pass: Zq = z F' `(pixels, K + nb)` and zz = ||z_i||^2 `(pixels,)`, z = y - A C - b f, F = [C; f],
+        over the whole field or the band `rows = (r0, r1)` (then `A`, `b` hold the band's pixels). K is padded to a
+        few fixed sizes (empty components) so that passes with different K share compiled shapes."""
         import jax.numpy as jnp
 
-        Ad, bd = self._put(A, self.rows, 0), self._put(b, self.rows, 0)
-        F = np.concatenate([C, f])
-        Zq = self._jax.device_put(jnp.zeros((self.dp, F.shape[0]), jnp.float32), self.rows)
-        zz = self._jax.device_put(jnp.zeros((self.dp,), jnp.float32), self.vec)
-        for start, n, Y in self._chunks():
-            Zq, zz = _residual_chunk(Zq, zz, Y, Ad, bd, self._window(C, start, n), self._window(f, start, n))
-        return np.asarray(Zq)[: self.d], np.asarray(zz)[: self.d]
+        from .temporal import bucket
 
-    def project(self, M):
-        """One pass: M'Y `(n, T)` for `M` `(d, n)`."""
-        Md = self._put(M, self.rows, 0)
-        out = np.zeros((M.shape[1], self.T), np.float32)
-        for start, n, Y in self._chunks():
-            out[:, start:start + n] = np.asarray(_project_chunk(Y, Md))[:, :n]
+        _, _, n_px, dp = self._geometry(rows)
+        K = A.shape[1]
+        Kp = bucket(max(K, 1))
+        Ap, Cp = np.pad(np.asarray(A, np.float32), ((0, 0), (0, Kp - K))), np.pad(np.asarray(C, np.float32),
+                                                                                  ((0, Kp - K), (0, 0)))
+        Ad, bd = self._put(Ap, self.rows, 0, dp), self._put(b, self.rows, 0, dp)
+        Zq = self._jax.device_put(jnp.zeros((dp, Kp + f.shape[0]), jnp.float32), self.rows)
+        zz = self._jax.device_put(jnp.zeros((dp,), jnp.float32), self.vec)
+        for start, n, Y in self._chunks(rows):
+            Zq, zz = _residual_chunk(Zq, zz, Y, Ad, bd, self._window(Cp, start, n), self._window(f, start, n))
+        Zq = np.asarray(Zq)[:n_px]
+        return np.concatenate([Zq[:, :K], Zq[:, Kp:]], axis=1), np.asarray(zz)[:n_px]
+
+    def project(self, M, rows=None):
+        """One pass: M'Y `(m, T)` for `M` `(pixels, m)` (whole field, or the band `rows`)."""
+        from .temporal import bucket
+
+        _, _, _, dp = self._geometry(rows)
+        m = M.shape[1]
+        Md = self._put(np.pad(np.asarray(M, np.float32), ((0, 0), (0, bucket(m) - m))), self.rows, 0, dp)
+        out = np.zeros((m, self.T), np.float32)
+        for start, n, Y in self._chunks(rows):
+            out[:, start:start + n] = np.asarray(_project_chunk(Y, Md))[:m, :n]
         return out
+
+    def weighted(self, Wt, rows=None):
+        """One pass: Y Wt `(pixels, m)` = sum over frames t of y_t Wt[t] for `Wt` `(T, m)` (whole field or band)."""
+        import jax.numpy as jnp
+
+        from .temporal import bucket
+
+        _, _, n_px, dp = self._geometry(rows)
+        m = Wt.shape[1]
+        WtT = np.pad(np.asarray(Wt, np.float32).T, ((0, bucket(m) - m), (0, 0)))
+        acc = self._jax.device_put(jnp.zeros((dp, WtT.shape[0]), jnp.float32), self.rows)
+        for start, n, Y in self._chunks(rows):
+            acc = _weighted_chunk(acc, Y, self._window(WtT, start, n))
+        return np.asarray(acc)[:n_px, :m]
 
 
 def _jit(fn):
@@ -723,175 +800,19 @@ def _project_chunk(Y, M):
     return M.T @ Y.T
 
 
+@_jit
+def _weighted_chunk(acc, Y, WtT):
+    return acc + Y.T @ WtT.T
+
+
 # --------------------------------------------------------------------------------------------------------- refinement
 
 
-def refine(source, start: Stitched, prm, *, chunk_frames: int | None = None, memory_budget=None, devices=None,
-           n_iter: int = 1,
-           boxes: np.ndarray | None = None, progress: ProgressBar | None = None) -> Result:
-    """Whole-field refinement of a stitched start, out of core: `n_iter` times [spatial update (one pass) ->
-    clean-up -> temporal update (one pass)], with merging between iterations, then quality per component.
+def refine(source, start: "Stitched", prm, **kw) -> Result:
+    """Whole-field refinement of a stitched start, out of core and band by band: see `jaxcnmf.refine.refine`."""
+    from .refine import refine as _refine
 
-    Both updates are the public stages of `fit` (`spatial.update_spatial`, `temporal.update_temporal`) run on exactly
-    compressed movies built from streamed statistics (`compress_time`, `compress_pixels`), so the movie is never in
-    memory. Search areas grow from the stitched footprints, so a footprint cut at a patch border is completed here.
-    Quality (`quality.evaluate_components`) needs frames of the movie itself: each component is evaluated on the
-    window of the patch that owns its centre (one more pass, patch by patch).
-
-    **Arguments:**
-
-    - `source`: the `MovieSource`; `start`: from `stitch_patches`; `prm`: `fit.Params`.
-    - `chunk_frames`: frames per chunk; `None` derives it from `memory_budget` (bytes or "2GB", default 2 GiB) after
-      reserving the per-pixel statistics (about 6 arrays of `(pixels, K + nb + 1)` float32).
-    - `devices`: devices for the sharded passes; `n_iter`: refinement iterations.
-    - `boxes`: the patches (for the quality windows; `None`: one window, the whole field).
-    - `progress`: a `ProgressBar` for stage notes.
-
-    **Returns:** the whole-field `Result` (same layout and ordering as `fit`'s).
-    """
-    import jax.numpy as jnp
-
-    from .fit import empty_result
-    from .merge import degenerate_components, merge_components
-    from .spatial import cleanup_footprints
-    from .temporal import color_components, update_temporal
-
-    T, H, W = source.shape
-    d = H * W
-    note = progress.note if progress is not None else (lambda s: None)
-    if chunk_frames is None:
-        reserved = 6 * 4 * d * (start.A.shape[1] + start.b.shape[1] + 1)
-        chunk_frames = chunk_frames_for_budget(parse_memory_budget(memory_budget), d, reserved, n_frames=T)
-    stream = Streamer(source, chunk_frames, devices)
-    A, C, b, f = start.A, start.C, start.b, start.f
-    sn = start.sn.reshape(d)
-    compact = prm.init == "greedy"
-    tr = None
-    for it in range(n_iter):
-        if A.shape[1] == 0:
-            break
-        Zq, zz = stream.residual_statistics(A, C, b, f)
-        Yc, Cc, fc, snc = compress_time(Zq, zz, A, C, b, f, sn, T)
-        A, b = spatial_by_blocks(Yc, A, Cc, b, fc, snc, radius=float(prm.neuron_radius), shape=(H, W),
-                                 method=prm.spatial_method, compact=compact)
-        del Yc, Zq
-        A, norms = cleanup_footprints(A, (H, W), connected=compact)
-        A, b = np.asarray(A), np.asarray(b)
-        C = C * np.asarray(norms)[:, None]
-        keep = np.flatnonzero(~degenerate_components(A, C))
-        A, C = A[:, keep], C[keep]
-        note(f"refine {it + 1}/{n_iter}: spatial update, {A.shape[1]} components")
-        if A.shape[1] == 0:
-            break
-        MY = stream.project(np.concatenate([A, b], axis=1))
-        Yp, Ap, bp = compress_pixels(MY, A, b)
-        tr = update_temporal(Yp, Ap, C, bp, f, p=prm.p, groups=color_components(A), n_sweeps=prm.temporal_sweeps,
-                             lam=prm.lam, s_min=prm.s_min)
-        C, f = np.asarray(tr.C), np.asarray(tr.f)
-        keep = np.flatnonzero(~degenerate_components(A, C))
-        A, C = A[:, keep], C[keep]
-        tr = _take(tr, keep)
-        note(f"refine {it + 1}/{n_iter}: temporal update, {A.shape[1]} components")
-        if it < n_iter - 1 and prm.merge_thr < 1 and A.shape[1] > 1:
-            mr = merge_components(jnp.asarray(A), jnp.asarray(C), thr=prm.merge_thr)
-            A, C = np.asarray(mr.A), np.asarray(mr.C)
-    if A.shape[1] == 0 or tr is None:
-        return empty_result((T, H, W), prm, sn=start.sn, b=b, f=f)
-    q = _quality_by_window(source, A, tr, b, f, sn, prm, boxes, chunk_frames)
-    note("refine: quality")
-    return _assemble(A, tr, b, f, start.sn, q, prm, (H, W))
-
-
-def spatial_by_blocks(Yc, A, Cc, b, fc, snc, *, radius, shape, method, compact, block: int | None = None):
-    """`spatial.update_spatial` block by block of pixels (its problem is separable over pixels once the search areas
-    are fixed), so its temporaries are those of one block; the result equals one call on the whole field.
-
-    **Arguments:** as for `update_spatial` (`Yc` `(d, n)`, `A` `(d, K)`, `Cc` `(K, n)`, `b` `(d, nb)`, `fc`
-    `(nb, n)`, `snc` `(d,)`), plus `block` pixels per call (default 4 x 16384).
-
-    **Returns:** `(A (d, K), b (d, nb))` numpy, in `Yc`'s dtype.
-    """
-    from .spatial import search_areas, update_spatial
-
-    d = A.shape[0]
-    block = block or 4 * _PIXEL_BLOCK
-    search = np.asarray(search_areas(A, shape, radius, compact=compact))
-    A_new = np.empty(A.shape, Yc.dtype)
-    b_new = np.empty(b.shape, Yc.dtype)
-    for i in range(0, d, block):
-        blk = slice(i, min(i + block, d))
-        a_i, b_i = update_spatial(Yc[blk], A[blk], Cc, b[blk], fc, snc[blk], search=search[blk], method=method)
-        A_new[blk], b_new[blk] = np.asarray(a_i), np.asarray(b_i)
-    return A_new, b_new
-
-
-def _take(tr, keep):
-    return type(tr)(C=tr.C[keep], S=tr.S[keep], YrA=tr.YrA[keep], g=tr.g[keep], baseline=tr.baseline[keep],
-                    c1=tr.c1[keep], lam=tr.lam[keep], f=tr.f, sn=tr.sn[keep])
-
-
-def _quality_by_window(source, A, tr, b, f, sn, prm, boxes, chunk_frames):
-    """`quality.evaluate_components` per patch window, each component scored in the window owning its centre."""
-    from .fit import center_of_mass
-    from .quality import evaluate_components
-    from .temporal import bucket
-
-    T, H, W = source.shape
-    K = A.shape[1]
-    boxes = np.array([[0, H, 0, W]]) if boxes is None else np.asarray(boxes)
-    owner = owner_map(boxes, (H, W))
-    cen = center_of_mass(A, (H, W))
-    rr = np.clip(np.round(np.nan_to_num(cen[:, 0])), 0, H - 1).astype(int)
-    cc = np.clip(np.round(np.nan_to_num(cen[:, 1])), 0, W - 1).astype(int)
-    home = owner[rr, cc]
-    snr, rval, acc = np.zeros(K, np.float32), np.zeros(K, np.float32), np.zeros(K, bool)
-    A3 = A.T.reshape(K, H, W)
-    b3 = b.T.reshape(-1, H, W)
-    sn3 = sn.reshape(H, W)
-    for p, box in enumerate(boxes):
-        mine = np.flatnonzero(home == p)
-        if mine.size == 0:
-            continue
-        r0, r1, c0, c1 = (int(x) for x in box)
-        here = np.flatnonzero(A3[:, r0:r1, c0:c1].reshape(K, -1).any(axis=1))
-        Y = read_window(source, box, chunk_frames)
-        dp = (r1 - r0) * (c1 - c0)
-        Yr = np.ascontiguousarray(Y.reshape(T, dp).T)
-        del Y
-        # pad the window's components to a bucket size with empty ones (no footprint, no trace: they change nothing
-        # in the others' demixed r-values), so that windows share compiled shapes
-        n, m = len(here), bucket(len(here))
-        Ap = np.zeros((dp, m), np.float32)
-        Ap[:, :n] = A3[here][:, r0:r1, c0:c1].reshape(n, dp).T
-        Cp, YrAp = (np.zeros((m, T), np.float32) for _ in range(2))
-        Cp[:n], YrAp[:n] = np.asarray(tr.C)[here], np.asarray(tr.YrA)[here]
-        bp = b3[:, r0:r1, c0:c1].reshape(b3.shape[0], dp).T
-        q = evaluate_components(Yr, Ap, Cp, bp, f, sn3[r0:r1, c0:c1].reshape(dp), YrAp, fps=prm.fps,
-                                min_snr=prm.min_snr, rval_thr=prm.rval_thr, shape=(r1 - r0, c1 - c0),
-                                radius=float(prm.neuron_radius))
-        pos = np.searchsorted(here, mine)
-        snr[mine] = np.asarray(q.snr)[pos]
-        rval[mine] = np.asarray(q.r_value)[pos]
-        acc[mine] = np.asarray(q.accepted)[pos]
-    return snr, rval, acc
-
-
-def _assemble(A, tr, b, f, sn, q, prm, shape) -> Result:
-    """The `Result` in `fit`'s layout: accepted first, then by decreasing SNR."""
-    from ._version import __version__
-    from .fit import center_of_mass
-
-    H, W = shape
-    snr, r_value, accepted = q
-    order = np.lexsort((-np.nan_to_num(snr, nan=-np.inf), ~accepted))
-    per = lambda x: np.asarray(x)[order]  # noqa: E731
-    A_o = np.asarray(A)[:, order]
-    return Result(
-        A=A_o.T.reshape(-1, H, W), C=per(tr.C), S=per(tr.S), b=np.asarray(b).T.reshape(-1, H, W),
-        f=np.asarray(f), sn=np.asarray(sn, np.float32), g=per(tr.g), YrA=per(tr.YrA), baseline=per(tr.baseline),
-        c1=per(tr.c1), lam=per(tr.lam), snr=snr[order], r_value=r_value[order], accepted=accepted[order],
-        centers=center_of_mass(A_o, (H, W)).astype(np.float32), params=prm.to_dict(), version=__version__,
-    )
+    return _refine(source, start, prm, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
@@ -910,9 +831,9 @@ class PatchPlan:
 
 
 def plan_patches(movie, neuron_radius=None, *, patch_size=64, overlap=None, params=None, checkpoint_dir=None,
-                 memory_budget=None, tag: str = "", **overrides) -> PatchPlan:
+                 memory_budget=None, max_fit_frames: int | None = None, tag: str = "", **overrides) -> PatchPlan:
     """Check everything and lay out the jobs of a patch run, before any heavy work (see `fit_patches`)."""
-    from .fit import check_movie_shape, make_params
+    from .fit import check_movie_shape, make_params, min_frames
     from .io import open_movie
 
     prm = make_params(neuron_radius, params=params, **overrides)
@@ -925,19 +846,47 @@ def plan_patches(movie, neuron_radius=None, *, patch_size=64, overlap=None, para
     budget = parse_memory_budget(memory_budget)
     boxes = patch_grid((H, W), patch_size, overlap)
     ph, pw = int(boxes[0, 1] - boxes[0, 0]), int(boxes[0, 3] - boxes[0, 2])
-    need = _PATCH_COPIES * 4 * T * ph * pw
-    if need > budget:
-        side = int(math.sqrt(budget / (_PATCH_COPIES * 4 * T)))
-        raise ParameterError(
-            f"patch_size={patch_size!r}: fitting one {ph}x{pw} patch of {T} frames needs about {need / 2**30:.2f} GiB, "
-            f"more than memory_budget={memory_budget!r} ({budget / 2**30:.2f} GiB); use patch_size <= {side} or a "
-            f"larger budget")
-    chunk = chunk_frames_for_budget(budget, H * W, reserved_bytes=need, n_frames=T)
-    checkpoints = prepare_checkpoints(checkpoint_dir, boxes, source, prm.to_dict(), tag=tag)
+    bin = patch_bin(T, ph * pw, budget, max_fit_frames, min_frames(prm), memory_budget, patch_size)
+    need = _PATCH_COPIES * 4 * (T // bin) * ph * pw
+    chunk = chunk_frames_for_budget(budget, H * W, reserved_bytes=need + _FIT_BASE, n_frames=T)
+    job_params = prm.to_dict()
+    if bin > 1 and prm.fps is not None:
+        job_params = {**job_params, "fps": prm.fps / bin}
+    checkpoints = prepare_checkpoints(checkpoint_dir, boxes, source, {**job_params, "bin": bin}, tag=tag)
     movie_ref = source.path if source.path is not None else source
-    jobs = [PatchJob(movie_ref, tuple(int(x) for x in box), prm.to_dict(), ck, chunk)
+    jobs = [PatchJob(movie_ref, tuple(int(x) for x in box), job_params, ck, chunk, bin)
             for box, ck in zip(boxes, checkpoints)]
     return PatchPlan(source, prm, boxes, chunk, jobs, budget)
+
+
+def patch_bin(T: int, patch_pixels: int, budget: int, max_fit_frames: int | None = None, fewest: int = 1,
+              memory_budget=None, patch_size=None) -> int:
+    """Frames per bin for the patch fits: 1 when a patch of all `T` frames fits the budget (and `max_fit_frames`),
+    else the smallest bin that makes it fit. Raises `ParameterError` when even binned patches cannot fit.
+
+    **Arguments:** `T` frames; `patch_pixels` pixels per patch; `budget` bytes; `max_fit_frames` an optional cap on
+    the frames a patch fit sees; `fewest` the fit's minimum number of frames; `memory_budget`, `patch_size` as given
+    by the caller (for the message).
+
+    **Returns:** the bin (int >= 1).
+    """
+    per_frame = _PATCH_COPIES * 4 * patch_pixels
+    fit_frames = (budget - _FIT_BASE) // per_frame
+    if fit_frames < min(T, max(int(fewest), _MIN_FIT_FRAMES)):
+        side = int(math.sqrt(max(budget - _FIT_BASE, 0) / (_PATCH_COPIES * 4 * min(T, _MIN_FIT_FRAMES))))
+        raise ParameterError(
+            f"memory_budget={memory_budget!r} ({budget / 2**30:.2f} GiB): a patch fit needs about "
+            f"{(_FIT_BASE + per_frame * min(T, _MIN_FIT_FRAMES)) / 2**30:.2f} GiB for patch_size={patch_size!r} even "
+            f"on {min(T, _MIN_FIT_FRAMES)} frames; use a larger budget" + (f" or patch_size <= {side}" if side else ""))
+    if max_fit_frames is not None:
+        if isinstance(max_fit_frames, bool) or not isinstance(max_fit_frames, (int, np.integer)) or max_fit_frames < 1:
+            raise ParameterError(f"max_fit_frames={max_fit_frames!r}: expected a positive number of frames (or None)")
+        fit_frames = min(fit_frames, int(max_fit_frames))
+    bin = max(1, -(-T // fit_frames))
+    if T // bin < fewest:
+        raise ParameterError(f"max_fit_frames={max_fit_frames!r}: the patch fits would see {T // bin} frames, fewer "
+                             f"than the {fewest} a fit needs; raise it")
+    return bin
 
 
 def run_jobs(jobs: Sequence[PatchJob], engine="local", *, devices=None, progress: ProgressBar | None = None):
@@ -958,7 +907,7 @@ def run_jobs(jobs: Sequence[PatchJob], engine="local", *, devices=None, progress
 def finish_patches(plan: PatchPlan, results, *, devices=None, n_refine: int = 1, progress=None) -> Result:
     """Stitch the patch results of a plan and refine them on the whole field (see `fit_patches`)."""
     T, H, W = plan.source.shape
-    start = stitch_patches(results, plan.boxes, (H, W), merge_thr=plan.prm.merge_thr)
+    start = stitch_patches(results, plan.boxes, (H, W), merge_thr=plan.prm.merge_thr, bin=plan.jobs[0].bin)
     if progress is not None:
         progress.note(f"stitched: {start.A.shape[1]} components ({start.merges} merged across borders)")
     res = refine(plan.source, start, plan.prm, memory_budget=plan.memory_budget, devices=devices, n_iter=n_refine,
@@ -971,7 +920,7 @@ def finish_patches(plan: PatchPlan, results, *, devices=None, n_refine: int = 1,
 def fit_patches(movie, neuron_radius: float | None = None, *, patch_size: int | tuple[int, int] = 64,
                 overlap: int | tuple[int, int] | None = None, params=None, checkpoint_dir: str | None = None,
                 engine="local", devices=None, memory_budget: int | str | None = None, n_refine: int = 1,
-                progress: bool = False, **overrides) -> Result:
+                max_fit_frames: int | None = None, progress: bool = False, **overrides) -> Result:
     """Fit CNMF to a large field of view patch by patch, stitch, and refine on the whole field (`patch_size` replaces
     CaImAn's `rf`, about `patch_size / 2`; `overlap` its `stride`).
 
@@ -980,8 +929,14 @@ def fit_patches(movie, neuron_radius: float | None = None, *, patch_size: int | 
        soon as it is done, and a rerun (e.g. after the process was killed) loads finished patches instead of fitting
        them again; the final result is the same as an uninterrupted run's.
     2. `stitch_patches`: each component is kept by the patch owning its centre; duplicates across borders merged.
-    3. `refine`: `n_refine` whole-field spatial + temporal updates, streamed from the movie in chunks (out of core),
-       seeded by the stitched footprints and traces, then quality per component.
+    3. `refine`: `n_refine` whole-field spatial + temporal updates, streamed from the movie band by band of rows and
+       chunk by chunk of frames (out of core, footprints kept sparse), seeded by the stitched footprints and traces,
+       then quality per component.
+
+    Long movies: when a patch of all frames would not fit `memory_budget` (or `max_fit_frames`), the patch fits see
+    the movie in bins of consecutive frames (each the mean of its frames; the noise is then averaged down, which
+    helps finding cells); the refinement then estimates the noise and the traces at the movie's own rate, so the
+    result is at full rate. Peak memory is about the budget: the patch fits and the passes' chunks are sized from it.
 
     **Arguments:**
 
@@ -994,14 +949,16 @@ def fit_patches(movie, neuron_radius: float | None = None, *, patch_size: int | 
       `distributed.Client` (see `cluster.py`); the result does not depend on the engine.
     - `devices`: JAX devices for the local engine and the streamed passes (`None`: all local devices).
     - `memory_budget`: bytes or a string like "2GB" (default 2 GiB): sets the chunk length of the streamed passes and
-      refuses patches too large to fit in it.
+      the frames per bin of the patch fits; refuses patches too large to fit even binned.
+    - `max_fit_frames`: most frames a patch fit sees (longer movies are binned; default: from `memory_budget`).
     - `n_refine`: whole-field refinement iterations; `progress`: a progress bar with time remaining on stderr.
 
     **Returns:** a `Result` for the whole field, laid out and ordered like `fit`'s; its `params` also record
     `patch_size` and `n_patches`.
     """
     plan = plan_patches(movie, neuron_radius, patch_size=patch_size, overlap=overlap, params=params,
-                        checkpoint_dir=checkpoint_dir, memory_budget=memory_budget, **overrides)
+                        checkpoint_dir=checkpoint_dir, memory_budget=memory_budget, max_fit_frames=max_fit_frames,
+                        **overrides)
     bar = ProgressBar(len(plan.jobs), "patches", enabled=progress)
     results = run_jobs(plan.jobs, engine, devices=devices, progress=bar)
     return finish_patches(plan, results, devices=devices, n_refine=n_refine, progress=bar)

@@ -17,7 +17,7 @@ from jax import lax
 
 from .errors import ParameterError
 
-__all__ = ["Quality", "evaluate_components", "trace_snr", "spatial_consistency"]
+__all__ = ["Quality", "evaluate_components", "acceptance", "trace_snr", "spatial_consistency"]
 
 
 class Quality(eqx.Module):
@@ -195,6 +195,20 @@ def evaluate_components(
     floor = jnp.sqrt(jnp.sum(A * A * (sn * sn)[:, None], axis=0)) / jnp.where(a2 > 0, a2, 1.0)
     snr = trace_snr(C + YrA, floor, n_consecutive=int(n_consecutive))
     r = spatial_consistency(Yr, A, C, b, f, neighbourhood, n_top=n_top)
-    ok = (a2 > 0) & (jnp.max(C, axis=1) > 0) & jnp.isfinite(snr) & jnp.isfinite(r)
+    return acceptance(snr, r, (a2 > 0) & (jnp.max(C, axis=1) > 0), min_snr=min_snr, rval_thr=rval_thr,
+                      snr_lowest=snr_lowest, rval_lowest=rval_lowest)
+
+
+def acceptance(snr, r_value, nonempty, *, min_snr: float = 2.5, rval_thr: float = 0.8, snr_lowest: float = 1.5,
+               rval_lowest: float = 0.5) -> Quality:
+    """The acceptance rule of `evaluate_components` applied to given snr and r-values.
+
+    **Arguments:** `snr`, `r_value` (K,); `nonempty` (K,) bool, False for an empty footprint or an all-zero trace;
+    the thresholds as in `evaluate_components`.
+
+    **Returns:** `Quality` (snr and r-value set to 0 for empty or non-finite components, which are rejected).
+    """
+    snr, r = jnp.asarray(snr), jnp.asarray(r_value)
+    ok = jnp.asarray(nonempty, bool) & jnp.isfinite(snr) & jnp.isfinite(r)
     accepted = ok & (((snr >= min_snr) & (r >= rval_lowest)) | ((r >= rval_thr) & (snr >= snr_lowest)))
     return Quality(snr=jnp.where(ok, snr, 0.0), r_value=jnp.where(ok, r, 0.0), accepted=accepted)

@@ -100,20 +100,6 @@ def test_compress_time_gives_the_full_spatial_update():
         np.testing.assert_allclose(np.asarray(b_comp), np.asarray(b_full), rtol=1e-6, atol=1e-8)
 
 
-def test_spatial_update_by_pixel_blocks_equals_one_call():
-    from jaxcnmf.patches import spatial_by_blocks
-    from jaxcnmf.spatial import update_spatial
-
-    with jax.enable_x64(True):
-        Y, A, C, b, f, sn, shape = _toy(seed=3)
-        one = update_spatial(Y, A, C, b, f, sn, radius=2.0, shape=shape)
-        blocks = spatial_by_blocks(Y, A, C, b, f, sn, radius=2.0, shape=shape, method="constrained", compact=True,
-                                   block=7)  # 30 pixels: blocks of 7, 7, 7, 7, 2
-        for x, y in zip(blocks, one):
-            assert x.dtype == np.float64
-            np.testing.assert_allclose(x, np.asarray(y), rtol=1e-9, atol=1e-12)
-
-
 def test_compress_pixels_gives_the_full_temporal_update():
     from jaxcnmf.temporal import color_components, update_temporal
 
