@@ -46,20 +46,30 @@ class InitResult(eqx.Module):
 # ------------------------------------------------------------------------------------------------------------ checks
 
 
-def _as_movie(Y, name: str = "Y") -> jax.Array:
-    """Validate a (T,H,W) movie and return it as a floating jnp array (float32 unless already floating)."""
+def _as_movie(Y, name: str = "Y", *, host: bool = False) -> jax.Array | np.ndarray:
+    """Validate a (T,H,W) movie and return it as a floating array (float32 unless already floating).
+
+    With `host=True` a numpy movie stays a numpy array (of the dtype JAX would give it), so a caller that reads it
+    in blocks never holds a second, device copy of the whole movie; other inputs become jnp arrays.
+    """
     if not hasattr(Y, "shape") or len(Y.shape) != 3:
         raise MovieError(
             f"{name}: expected a movie array of shape (T, H, W), got shape {getattr(Y, 'shape', type(Y))}; "
             "load files with jaxcnmf.load_movie first."
         )
-    Y = jnp.asarray(Y)
-    if not jnp.issubdtype(Y.dtype, jnp.floating):
-        Y = Y.astype(jnp.float32)
+    if host and isinstance(Y, np.ndarray):
+        dtype = jax.dtypes.canonicalize_dtype(Y.dtype if np.issubdtype(Y.dtype, np.floating) else np.float32)
+        Y = Y if Y.dtype == dtype else Y.astype(dtype)
+        finite = all(np.isfinite(Y[t : t + 64]).all() for t in range(0, Y.shape[0], 64))
+    else:
+        Y = jnp.asarray(Y)
+        if not jnp.issubdtype(Y.dtype, jnp.floating):
+            Y = Y.astype(jnp.float32)
+        finite = bool(jnp.isfinite(Y).all())
     T, H, W = Y.shape
     if T < 3 or H < 3 or W < 3:
         raise MovieError(f"{name}: movie of shape {Y.shape} is too small (need at least 3 frames and 3x3 pixels).")
-    if not bool(jnp.isfinite(Y).all()):
+    if not finite:
         raise MovieError(
             f"{name}: the movie holds NaN or infinite values; repair them first "
             "(jaxcnmf.open_movie(..., nonfinite='repair'))."
@@ -289,30 +299,78 @@ def _greedy_round(
     return Rp, Bp, Ep, Pp, a, c, q, valid
 
 
-@partial(jax.jit, static_argnames=("pad", "n_smooth", "n_slow"))
-def _filter_and_pad(Y, median, g, box, *, pad, n_smooth, n_slow):
-    """Padded residual R = Y - median, its padded filtered version B, energy and peak maps of B, and |diff(B)| at
-    up to 1000 evenly spaced frames (for the noise level, whose median is taken on the host)."""
-    R = Y - median
+PREPARE_BLOCK = 1 << 22  # elements (16 MB of float32) per block of `_prepare`'s passes over the movie
+
+
+@partial(jax.jit, donate_argnums=(0, 1))
+def _fill_frames(Rp, Bp, Yb, median, g, box, t0):
+    """Write frames t0.. of R = Y - median and of B = score_filter(R) into the interiors of the padded Rp, Bp.
+
+    Rp and Bp are donated (updated in place); Yb (n, H, W) holds the movie's frames t0..t0+n-1.
+    """
+    H, W = median.shape
+    pad = (Rp.shape[1] - H) // 2
+    R = Yb.astype(Rp.dtype) - median
     B = score_filter(R, g, box)
-    padw = ((0, 0), (pad, pad), (pad, pad))
-    Ep = jnp.pad(jnp.sum(B * B, axis=0), pad)
-    Pp = jnp.pad(_peak_above_slow(B, n_smooth, n_slow), pad)
+    Rp = lax.dynamic_update_slice(Rp, R, (t0, pad, pad))
+    Bp = lax.dynamic_update_slice(Bp, B, (t0, pad, pad))
+    return Rp, Bp
+
+
+@partial(jax.jit, static_argnames=("pad", "W", "rows", "n_smooth", "n_slow"))
+def _score_rows(Bp, r0, *, pad, W, rows, n_smooth, n_slow):
+    """Energy sum_t B^2, transient peak (`_peak_above_slow`) and |diff B| at up to 1000 evenly spaced frames, for
+    the image rows r0..r0+rows-1 of the padded filtered movie Bp (whole time series: the peak needs them)."""
+    T = Bp.shape[0]
+    B = lax.dynamic_slice(Bp, (0, r0 + pad, pad), (T, rows, W))
     dB = _evenly_spaced(jnp.abs(jnp.diff(B, axis=0)), 1000, 0)
-    return jnp.pad(R, padw), jnp.pad(B, padw), Ep, Pp, dB
+    return jnp.sum(B * B, axis=0), _peak_above_slow(B, n_smooth, n_slow), dB
 
 
-def _prepare(Y, g, box, *, pad, n_smooth, n_slow):
+def _starts(n: int, size: int) -> list[int]:
+    """Starts of blocks of `size` covering 0..n-1, the last one moved back to end at n (one block shape for all;
+    the overlap is recomputed with the same result)."""
+    return sorted({min(s, n - size) for s in range(0, n, size)})
+
+
+def _block_of(Y, t0: int, n: int) -> jax.Array:
+    """Frames t0..t0+n-1 of a numpy or jax movie as a jax array (only these frames are copied)."""
+    return jax.device_put(Y[t0 : t0 + n]) if isinstance(Y, np.ndarray) else Y[t0 : t0 + n]
+
+
+def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
     """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps.
 
     Medians run on the host (numpy's selection is many times faster than a sort on XLA's CPU backend): the median
     image over at most 1000 evenly spaced frames, B's noise as median(|diff B|) / 0.6745 / sqrt 2.
+    Everything is computed by blocks of about `block` elements, so the memory used on top of the movie Y (numpy or
+    jax, (T, H, W)) is the padded Rp and Bp and a few blocks: R and B frame by frame, written into preallocated
+    Rp and Bp; the per-pixel energy, peak and noise (which need whole time series) by blocks of image rows.
     """
-    median = jnp.asarray(np.median(np.asarray(_evenly_spaced(Y, 1000, 0)), axis=0), Y.dtype)
-    Rp, Bp, Ep, Pp, dB = _filter_and_pad(Y, median, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow)
-    sn_b = np.median(np.asarray(dB), axis=0) / (0.6744897501960817 * math.sqrt(2.0))
-    sn_b = np.maximum(sn_b, np.finfo(np.dtype(Y.dtype)).tiny)
-    return median, Rp, Bp, sn_b, Ep, Pp
+    T, H, W = Y.shape
+    dtype = Y.dtype
+    step = 1 if T <= 1000 else -(-T // 1000)  # the frames of `_evenly_spaced(Y, 1000)`
+    rows = int(min(H, max(1, block // max(1, T * W))))
+    median = np.empty((H, W), dtype)
+    for r0 in range(0, H, rows):
+        median[r0 : r0 + rows] = np.median(np.asarray(Y[::step, r0 : r0 + rows]), axis=0)
+    median = jnp.asarray(median)
+
+    shape = (T, H + 2 * pad, W + 2 * pad)
+    Rp, Bp = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    nt = int(min(T, max(1, block // (H * W))))
+    for t0 in _starts(T, nt):
+        Rp, Bp = _fill_frames(Rp, Bp, _block_of(Y, t0, nt), median, g, box, jnp.asarray(t0, jnp.int32))
+
+    E, P, sn_b = (np.empty((H, W), dtype) for _ in range(3))
+    for r0 in _starts(H, rows):
+        e, p, dB = _score_rows(Bp, jnp.asarray(r0, jnp.int32), pad=pad, W=W, rows=rows, n_smooth=n_smooth,
+                               n_slow=n_slow)
+        E[r0 : r0 + rows], P[r0 : r0 + rows] = np.asarray(e), np.asarray(p)
+        sn_b[r0 : r0 + rows] = np.median(np.asarray(dB), axis=0)
+    sn_b = sn_b / (0.6744897501960817 * math.sqrt(2.0))
+    sn_b = np.maximum(sn_b, np.finfo(np.dtype(dtype)).tiny)
+    return median, Rp, Bp, sn_b, jnp.pad(jnp.asarray(E), pad), jnp.pad(jnp.asarray(P), pad)
 
 
 def _cumsum0(x: jax.Array) -> jax.Array:
@@ -431,11 +489,17 @@ def background_hals(M: jax.Array, b: jax.Array, f: jax.Array, n_iter: int = 5) -
 
     **Returns:** `(b, f)` non-negative, each row of f of mean 1 (rows that vanish are left at zero).
     """
+    return _hals_background(lambda b: b.T @ M, lambda f: M @ f.T, b, f, n_iter)
+
+
+def _hals_background(bM, Mf, b, f, n_iter: int):
+    """`background_hals` given the two products with the data, `bM(b)` = b' M (nb, T) and `Mf(f)` = M f' (d, nb)
+    (so M need not exist as one array)."""
 
     def sweep(_, bf):
         b, f = bf
-        f = hals_rows(f, b.T @ M, b.T @ b)
-        b = hals_rows(b.T, (M @ f.T).T, f @ f.T).T
+        f = hals_rows(f, bM(b), b.T @ b)
+        b = hals_rows(b.T, Mf(f).T, f @ f.T).T
         return b, f
 
     b, f = lax.fori_loop(0, n_iter, sweep, (b, f))
@@ -448,11 +512,26 @@ def background_hals(M: jax.Array, b: jax.Array, f: jax.Array, n_iter: int = 5) -
 
 @partial(jax.jit, static_argnames=("pad", "n_iter"))
 def _greedy_background(Rp, static, b0, f0, *, pad, n_iter):
-    """Background HALS on the greedy residual: M = interior of Rp + a static image (d, T), without another copy."""
-    T = Rp.shape[0]
+    """Background HALS on the greedy residual M = interior of Rp + a static image (d, T), never formed: the products
+    with M are taken on the padded Rp as it is (maps embedded in the padded grid, zero on the border) plus the static
+    image's part, so no movie-sized array is made."""
+    T, Hp, Wp = Rp.shape
     H, W = static.shape
-    M = (Rp[:, pad : pad + H, pad : pad + W] + static).reshape(T, H * W).T
-    return background_hals(M, b0, f0, n_iter=n_iter)
+    d = H * W
+    Rf = Rp.reshape(T, Hp * Wp)
+    s = static.reshape(d)
+
+    def embed(b):  # (d, nb) -> (Hp Wp, nb), zero on the border
+        return jnp.pad(b.reshape(H, W, -1), ((pad, pad), (pad, pad), (0, 0))).reshape(Hp * Wp, -1)
+
+    def bM(b):
+        return (Rf @ embed(b)).T + (s @ b)[:, None]
+
+    def Mf(f):
+        inner = (f @ Rf).reshape(-1, Hp, Wp)[:, pad : pad + H, pad : pad + W].reshape(-1, d).T
+        return inner + s[:, None] * jnp.sum(f, axis=1)[None, :]
+
+    return _hals_background(bM, Mf, b0, f0, n_iter)
 
 
 def _background_start(median: jax.Array, T: int, nb: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -548,7 +627,7 @@ def greedy_init(
     **Returns:** an `InitResult` (A (d, K) unit-norm columns, C (K, T), b (d, nb), f (nb, T), centers (K, 2), median
     (H, W), psnr (K,)), components in the order found.
     """
-    Y = _as_movie(Y)
+    Y = _as_movie(Y, host=True)
     T, H, W = Y.shape
     r = _check_radius(radius, H, W)
     if K is not None and (int(K) != K or K < 0):
@@ -656,6 +735,7 @@ def greedy_init(
     # Rp's interior is R - sum_k a_k (c_k + q_k)' and C holds max(c_k, 0), so Y - A C = Rp + median + A q up to the
     # clipped parts of C (small): the baselines a_k q_k are static images that the background absorbs
     static = median + (A @ jnp.asarray(np.asarray(found_q, np.float32), dtype)).reshape(H, W) if Kf else median
+    del Bp, Ep, Pp  # the filtered movie is done with: free it before the background fit forms its (d, T) copy
     b0, f0 = _background_start(median, T, int(nb), key)
     b, f = _greedy_background(Rp, static, b0, f0, pad=pad, n_iter=int(n_iter_background))
     return InitResult(

@@ -11,7 +11,10 @@ from scipy import ndimage
 
 from jaxcnmf.errors import MovieError, ParameterError
 from jaxcnmf.init import (
+    _greedy_background,
     _greedy_round,
+    _peak_above_slow,
+    _prepare,
     background_hals,
     gaussian_blur,
     gaussian_kernel1d,
@@ -113,6 +116,59 @@ def test_score_filter_matches_direct_correlation_and_kills_flat_background():
     np.testing.assert_allclose(flat[0, 5:-5, 5:-5], 0.0, atol=1e-4)
     blur = np.asarray(gaussian_blur(jnp.ones((12, 12)), jnp.asarray(gaussian_kernel1d(1.0))))
     np.testing.assert_allclose(blur[4:-4, 4:-4], 1.0, atol=1e-6)
+
+
+def test_prepare_by_blocks_matches_the_whole_movie_float64_reference():
+    """`_prepare` works by blocks of frames (R, B) and of image rows (energy, peak, noise of B); whatever the block
+    size (several blocks, the last one overlapping) it gives what the formulas give on the whole movie at once."""
+    rng = np.random.default_rng(5)
+    T, H, W, n_smooth, n_slow = 1103, 19, 23, 3, 60  # T > 1000: the median and |diff B| use every 2nd frame
+    Y = (100.0 + 10.0 * rng.standard_normal((T, H, W)) + 50.0 * (rng.random((T, H, W)) < 0.01)).astype(np.float32)
+    g_np, box_np = score_kernels(1.5, 4)
+    pad = 4 + g_np.size // 2
+    with jax.enable_x64(True):
+        median = np.median(Y[::2], axis=0)
+        R = jnp.asarray(Y, jnp.float64) - median
+        B = score_filter(R, jnp.asarray(g_np), jnp.asarray(box_np))
+        E, P = jnp.sum(B * B, axis=0), _peak_above_slow(B, n_smooth, n_slow)
+        sn = np.median(np.abs(np.diff(np.asarray(B), axis=0))[::2], axis=0) / (0.6744897501960817 * np.sqrt(2.0))
+        R, B, E, P = (np.asarray(x) for x in (R, B, E, P))
+    g, box = jnp.asarray(g_np, jnp.float32), jnp.asarray(box_np, jnp.float32)
+    inner = (slice(None), slice(pad, pad + H), slice(pad, pad + W))
+    outs = []
+    for block in (5 * H * W, 3 * T * W, 10**9):  # 5 frames / 1 row, 174 frames / 3 rows, one block of each
+        med, Rp, Bp, sn_b, Ep, Pp = _prepare(Y, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow, block=block)
+        Rp, Bp, Ep, Pp = (np.asarray(x) for x in (Rp, Bp, Ep, Pp))
+        assert Rp.shape == Bp.shape == (T, H + 2 * pad, W + 2 * pad)
+        assert Ep.shape == Pp.shape == (H + 2 * pad, W + 2 * pad)
+        np.testing.assert_array_equal(np.asarray(med), median)
+        for got, ref in ((Rp, R), (Bp, B), (Ep, E), (Pp, P)):
+            outside = got.copy()
+            outside[inner[-got.ndim :]] = 0.0
+            assert not outside.any()  # zero padding
+            np.testing.assert_allclose(got[inner[-got.ndim :]], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+        np.testing.assert_allclose(sn_b, sn, rtol=2e-5)
+        outs.append((Rp, Bp, sn_b, Ep, Pp))
+    for other in outs[:2]:  # blocked versus one block: the same float32 arithmetic
+        for x, y in zip(other, outs[2]):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * np.abs(y).max())
+
+
+def test_greedy_background_equals_hals_on_the_formed_residual():
+    """The greedy init's background fit takes its products on the padded residual without forming Y - A C; it must
+    give what `background_hals` gives on the (d, T) matrix itself."""
+    rng = np.random.default_rng(2)
+    T, H, W, pad = 60, 7, 9, 3
+    Rp = np.zeros((T, H + 2 * pad, W + 2 * pad), np.float32)
+    Rp[:, pad:-pad, pad:-pad] = rng.standard_normal((T, H, W))
+    Rp[:, :2, :] = 7.0  # whatever is on the border must not count
+    static = (5.0 + rng.random((H, W))).astype(np.float32)
+    b0, f0 = jnp.asarray(static.reshape(-1, 1)), jnp.ones((1, T), jnp.float32)
+    M = jnp.asarray((Rp[:, pad:-pad, pad:-pad] + static).reshape(T, H * W).T)
+    b_ref, f_ref = background_hals(M, b0, f0, n_iter=4)
+    b, f = _greedy_background(jnp.asarray(Rp), jnp.asarray(static), b0, f0, pad=pad, n_iter=4)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(b_ref), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(f), np.asarray(f_ref), rtol=1e-5)
 
 
 def test_background_hals_recovers_exact_rank1():
