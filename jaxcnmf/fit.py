@@ -305,16 +305,64 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
     T, H, W = source.shape
     prog = Progress(progress, n_stages=5 + 4 * prm.n_iter)
 
-    Y = np.asarray(source.read(), np.float32)
+    Y = _read_whole(movie, source)
     prog.done("read movie", f"{T} frames of {H}x{W}")
-    if not np.isfinite(Y).all():  # io guarantees this; a cheap second guard before JAX sees the data
+    if not all(np.isfinite(Y[t : t + 64]).all() for t in range(0, T, 64)):  # io guarantees it: a second guard
         raise MovieError(f"{name}: the movie holds NaN or infinite values; pass nonfinite='repair' to interpolate them")
     if float(Y.max()) == float(Y.min()):
         return empty_result((T, H, W), prm)
-    result = fit_array(Y, prm, prog)
+    owned = [Y]
+    del Y  # `_fit_owned` drops the (T, H, W) movie once it has the (pixels, frames) copy
+    result = _fit_owned(owned, prm, prog)
     # Seconds per stage, for reports. Only metadata: the arrays are what is reproducible, bit for bit.
     timings = {stage: round(sec, 3) for stage, sec in prog.times.items()}
     return Result(**result.arrays(), params={**result.params, "timings": timings}, version=result.version)
+
+
+def _read_whole(movie, source) -> np.ndarray:
+    """The whole movie as a float32 (T, H, W) numpy array: the caller's own array when it already is one and holds
+    only finite values (the fit never writes to it, so a copy would only double the memory), else `source.read()`."""
+    clean = source.nonfinite_frames is not None and len(source.nonfinite_frames) == 0
+    if isinstance(movie, np.ndarray) and movie.dtype == np.float32 and clean:
+        return movie
+    return np.asarray(source.read(), np.float32)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:
+    """An uninitialised numpy array whose data starts on an `align`-byte boundary (XLA's CPU client can then use the
+    memory in place rather than copying it)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.empty(n * dtype.itemsize + align, np.uint8)
+    off = -raw.ctypes.data % align
+    return raw[off : off + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _pixels_by_frames(Y, block: int = 1 << 22):
+    """The (d, T) = (H*W, T) jax copy Yr of a (T, H, W) movie, built by blocks of pixels without other whole copies.
+
+    On the CPU the jax array uses the numpy buffer filled here in place (no second copy); elsewhere it is moved to
+    the device once.
+
+    **Arguments:**
+
+    - `Y`: `(T, H, W)` numpy (or jax) movie; `block`: elements per block of the transposition.
+
+    **Returns:** `Yr` `(H*W, T)` jax array of Y's dtype, pixels in row-major order.
+    """
+    import jax
+
+    T, H, W = Y.shape
+    d = H * W
+    flat = Y.reshape(T, d)
+    Yr = _aligned_empty((d, T), np.dtype(Y.dtype))
+    step = max(1, block // max(T, 1))
+    for p0 in range(0, d, step):
+        Yr[p0 : p0 + step] = np.asarray(flat[:, p0 : p0 + step]).T
+    try:
+        return jax.device_put(Yr, may_alias=True)
+    except TypeError:  # older jax without may_alias: one copy
+        return jax.device_put(Yr)
 
 
 def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Result:
@@ -326,6 +374,14 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
 
     **Returns:** the `Result` described in `fit`.
     """
+    return _fit_owned([Y], prm, prog)
+
+
+def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result:
+    """`fit_array` on the movie held in the one-element list `owned`, which it empties: when the caller keeps no
+    other reference, the (T, H, W) movie is freed as soon as its (pixels, frames) copy Yr exists (the fit's peak
+    memory is then Yr and the stage's work, not two whole movies)."""
+    Y = owned.pop()
     import jax
 
     from .background import update_background
@@ -356,7 +412,7 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
         ini = dendrite_init(Y, radius, K=prm.K, nb=prm.nb)
     else:
         ini = sparse_nmf_init(Y, prm.K or _default_nmf_k(H, W, radius), nb=prm.nb, key=key)
-    Yr = jnp.asarray(np.ascontiguousarray(Y.reshape(T, d).T))
+    Yr = _pixels_by_frames(Y)
     del Y
     A, C = jnp.asarray(ini.A, jnp.float32), jnp.asarray(ini.C, jnp.float32)
     b, f = jnp.asarray(ini.b, jnp.float32), jnp.asarray(ini.f, jnp.float32)

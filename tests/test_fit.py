@@ -27,6 +27,7 @@ def no_heavy_work(monkeypatch):
         raise AssertionError("heavy work started before the input was rejected")
 
     monkeypatch.setattr(fit_mod, "fit_array", boom)
+    monkeypatch.setattr(fit_mod, "_fit_owned", boom)
 
 
 @pytest.mark.parametrize(
@@ -116,8 +117,10 @@ def test_deterministic_path_equals_array_and_cli_round_trip(small, tmp_path):
     from jaxcnmf.io import load_result, save_movie
 
     movie, truth = small
+    before = movie.copy()
     r1 = fit(movie, float(truth.params["radius"]), fps=truth.fps)
     assert r1.n_components >= 1
+    np.testing.assert_array_equal(movie, before)  # the fit reads the caller's float32 array in place, never writes it
 
     path = str(tmp_path / "movie.tif")
     save_movie(path, movie)
@@ -127,6 +130,20 @@ def test_deterministic_path_equals_array_and_cli_round_trip(small, tmp_path):
     assert out.exists()
     _same(load_result(str(out)), r1)  # a second, independent fit from the file: deterministic and path == array
     assert sorted(p.name for p in tmp_path.iterdir()) == ["movie.tif", "movie_cnmf.h5"]
+
+
+def test_pixels_by_frames_is_the_exact_transpose_without_a_copy():
+    """The (d, T) movie the fit works on is built by pixel blocks in a 64-byte aligned buffer (so the CPU backend uses
+    it in place): it must be exactly Y reshaped to (T, H*W) and transposed, whatever the block size."""
+    import jax
+
+    from jaxcnmf.fit import _pixels_by_frames
+
+    Y = np.random.default_rng(0).standard_normal((37, 5, 7)).astype(np.float32)
+    for block in (37 * 3, 37 * 35, 10**6):  # 3 pixels per block (last one short), exactly one block, one block
+        Yr = _pixels_by_frames(Y, block=block)
+        assert isinstance(Yr, jax.Array) and Yr.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(Yr), Y.reshape(37, 35).T)
 
 
 def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
