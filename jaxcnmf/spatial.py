@@ -165,21 +165,31 @@ def spatial_statistics(Yr, C, b, f, *, block: int = 4096):
     **Returns:** `(Q, G, rr)`: Q = R F' (d, K + nb), G = F F' (K + nb, K + nb), rr = ||r_i||^2 (d,).
     """
     Yr = jnp.asarray(Yr)
-    d, T = Yr.shape
     F = jnp.concatenate([C, f], axis=0).astype(Yr.dtype)
-    G = F @ F.T
-    nblk = max(1, -(-d // block))
-    dp = nblk * block
-    Yp = jnp.pad(Yr, ((0, dp - d), (0, 0))).reshape(nblk, block, T)
-    bp = jnp.pad(b.astype(Yr.dtype), ((0, dp - d), (0, 0))).reshape(nblk, block, -1)
+    return _statistics(Yr, F, b.astype(Yr.dtype), f.astype(Yr.dtype), block=int(max(1, min(block, Yr.shape[0]))))
 
-    def one(args):
-        y, bb = args
+
+@partial(jax.jit, static_argnames=("block",))
+def _statistics(Yr, F, b, f, *, block):
+    """`spatial_statistics` by blocks of `block` pixels read in place from Yr (the pixels past the last whole block
+    form one shorter block), so no copy of the movie is made."""
+    d, T = Yr.shape
+    G = F @ F.T
+
+    def one(y, bb):
         r = y - bb @ f
         return r @ F.T, jnp.sum(r * r, axis=1)
 
-    Q, rr = lax.map(one, (Yp, bp))
-    return Q.reshape(dp, -1)[:d], G, rr.reshape(dp)[:d]
+    nblk = d // block
+    starts = jnp.arange(nblk) * block
+    Q, rr = lax.map(
+        lambda s: one(lax.dynamic_slice_in_dim(Yr, s, block), lax.dynamic_slice_in_dim(b, s, block)), starts
+    )
+    Q, rr = Q.reshape(nblk * block, -1), rr.reshape(nblk * block)
+    if nblk * block < d:
+        Qt, rrt = one(Yr[nblk * block :], b[nblk * block :])
+        Q, rr = jnp.concatenate([Q, Qt]), jnp.concatenate([rr, rrt])
+    return Q, G, rr
 
 
 # ------------------------------------------------------------------------------------------------- per-pixel solver
