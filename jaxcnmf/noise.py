@@ -172,6 +172,23 @@ def _chunk_statistic(chunk, freq_range, method):
     return _band_statistic(_band_periodogram(y, freq_range), method)
 
 
+NOISE_BLOCK = 1 << 22  # elements (16 MB of float32) per block of pixels of `estimate_noise_movie`
+
+
+def _chunk_statistic_by_rows(chunk: np.ndarray, freq_range, method, block: int | None = None) -> np.ndarray:
+    """`_chunk_statistic` of a (frames, H, W) chunk computed by blocks of image rows (each pixel's statistic needs
+    only its own trace), so the transposed copy, spectrum and powers exist for one block at a time rather than for
+    the whole chunk. Returns float64 (H, W). Blocks have one shape (the last one overlaps the one before)."""
+    n, H, W = chunk.shape
+    block = NOISE_BLOCK if block is None else block
+    rows = int(min(H, max(1, block // max(1, n * W))))
+    stat = np.empty((H, W), np.float64)
+    for r0 in sorted({min(r, H - rows) for r in range(0, H, rows)}):
+        part = jnp.asarray(chunk[:, r0 : r0 + rows])
+        stat[r0 : r0 + rows] = np.asarray(_chunk_statistic(part, freq_range, method), np.float64)
+    return stat
+
+
 def _read_window(movie, start: int, stop: int) -> np.ndarray:
     if isinstance(movie, np.ndarray):
         return np.asarray(movie[start:stop], dtype=np.float32)
@@ -208,7 +225,7 @@ def estimate_noise_movie(
                 f"estimate_noise_movie: {_name(movie)} has non-finite values in frames {start}..{stop - 1}; "
                 "repair them first (jaxcnmf.io.open_movie(..., nonfinite='repair'))."
             )
-        total += weight * np.asarray(_chunk_statistic(jnp.asarray(chunk), freq_range, method), np.float64)
+        total += weight * _chunk_statistic_by_rows(chunk, freq_range, method)
     stat = total / (T / min(int(chunk_frames), T))
     return np.asarray(_finish_noise(jnp.asarray(stat), method), np.float32)
 

@@ -187,6 +187,20 @@ def test_movie_streamed_agrees_with_whole_trace(method):
     np.testing.assert_allclose(estimate_noise_movie(movie, chunk_frames=T, method=method), whole, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_movie_by_pixel_blocks_equals_one_block(method, monkeypatch):
+    """Each chunk is processed by blocks of image rows (memory); the blocks, the last one overlapping, must give the
+    whole-trace estimate of every pixel."""
+    import jaxcnmf.noise as noise
+
+    rng = np.random.default_rng(3)
+    T, H, W = 600, 7, 5
+    movie = (rng.normal(size=(T, H, W)) * rng.uniform(0.5, 3.0, size=(H, W))).astype(np.float32)
+    whole = np.asarray(estimate_noise(np.moveaxis(movie, 0, -1), method=method))
+    monkeypatch.setattr(noise, "NOISE_BLOCK", 3 * T * W)  # blocks of 3 rows: starts 0, 3, 4
+    np.testing.assert_allclose(estimate_noise_movie(movie, chunk_frames=T, method=method), whole, rtol=1e-5)
+
+
 def test_movie_errors():
     movie = np.zeros((100, 3, 3), np.float32)
     movie[50, 1, 1] = np.nan
