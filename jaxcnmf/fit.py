@@ -346,19 +346,19 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
 
     **Arguments:**
 
-    - `Y`: `(T, H, W)` numpy (or jax) movie; `block`: elements per block of the transposition.
+    - `Y`: `(T, H, W)` numpy (or jax) movie, possibly a strided view; `block`: elements per block of the
+      transposition (whole image rows: at least one row per block).
 
     **Returns:** `Yr` `(H*W, T)` jax array of Y's dtype, pixels in row-major order.
     """
     import jax
 
     T, H, W = Y.shape
-    d = H * W
-    flat = Y.reshape(T, d)
-    Yr = _aligned_empty((d, T), np.dtype(Y.dtype))
-    step = max(1, block // max(T, 1))
-    for p0 in range(0, d, step):
-        Yr[p0 : p0 + step] = np.asarray(flat[:, p0 : p0 + step]).T
+    Yr = _aligned_empty((H * W, T), np.dtype(Y.dtype))
+    rows = max(1, block // max(T * W, 1))  # blocks of image rows: only a block is copied, even from a strided view
+    for r0 in range(0, H, rows):
+        part = np.asarray(Y[:, r0 : r0 + rows])
+        Yr[r0 * W : r0 * W + part.shape[1] * W] = part.reshape(T, -1).T
     try:
         return jax.device_put(Yr, may_alias=True)
     except TypeError:  # older jax without may_alias: one copy

@@ -139,11 +139,12 @@ def test_pixels_by_frames_is_the_exact_transpose_without_a_copy():
 
     from jaxcnmf.fit import _pixels_by_frames
 
-    Y = np.random.default_rng(0).standard_normal((37, 5, 7)).astype(np.float32)
-    for block in (37 * 3, 37 * 35, 10**6):  # 3 pixels per block (last one short), exactly one block, one block
-        Yr = _pixels_by_frames(Y, block=block)
-        assert isinstance(Yr, jax.Array) and Yr.dtype == np.float32
-        np.testing.assert_array_equal(np.asarray(Yr), Y.reshape(37, 35).T)
+    big = np.random.default_rng(0).standard_normal((37, 9, 11)).astype(np.float32)
+    for Y in (big[:, :5, :7].copy(), big[:, 2:7, 3:10]):  # contiguous, and a strided view (a patch of a movie)
+        for block in (37 * 7 * 2, 37 * 35, 10**6):  # 2 rows per block (the last one short), one block, one block
+            Yr = _pixels_by_frames(Y, block=block)
+            assert isinstance(Yr, jax.Array) and Yr.dtype == np.float32
+            np.testing.assert_array_equal(np.asarray(Yr), np.ascontiguousarray(Y).reshape(37, 35).T)
 
 
 def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
