@@ -50,6 +50,7 @@ def search_areas(
     *,
     threshold: float = 0.1,
     compact: bool = True,
+    block: int = 64,
 ) -> jax.Array:
     """Where each footprint may grow in the next spatial update: its thresholded support, dilated.
 
@@ -65,6 +66,7 @@ def search_areas(
     - `radius`: neuron radius in pixels (> 0).
     - `threshold`: fraction of each footprint's maximum below which a weight is not part of its support.
     - `compact`: disk dilation (somata) or shape-following dilation (dendrites).
+    - `block`: components processed at a time (memory: the work arrays are (block, H, W)).
 
     **Returns:** bool (d, K); all False for an empty column.
     """
@@ -77,6 +79,21 @@ def search_areas(
     K = A.shape[1]
     if K == 0:
         return jnp.zeros((H * W, 0), bool)
+    kb = min(K, block)
+    out = np.empty((H * W, K), bool)
+    for k0 in range(0, K, kb):  # components are independent: (kb, H, W) work arrays, one compiled shape
+        part = A[:, k0 : k0 + kb]
+        if part.shape[1] < kb:
+            part = jnp.pad(part, ((0, 0), (0, kb - part.shape[1])))  # empty columns: no area
+        area = _areas_block(part, H=H, W=W, radius=float(radius), threshold=float(threshold), compact=bool(compact))
+        out[:, k0 : k0 + kb] = np.asarray(area)[:, : min(kb, K - k0)]
+    return jax.device_put(out)
+
+
+@partial(jax.jit, static_argnames=("H", "W", "radius", "threshold", "compact"))
+def _areas_block(A, *, H, W, radius, threshold, compact):
+    """`search_areas` of the columns of A (d, k)."""
+    K = A.shape[1]
     Ak = A.T.reshape(K, H, W)
     peak = jnp.max(Ak, axis=(1, 2), keepdims=True)
     support = (Ak > threshold * peak) & (peak > 0)
@@ -100,6 +117,7 @@ def cleanup_footprints(
     connected: bool = True,
     min_weight: float = 0.01,
     normalise: bool = True,
+    block: int = 64,
 ):
     """Post-process footprints: keep the main connected piece, drop tiny weights, scale columns to unit l2 norm.
 
@@ -115,6 +133,7 @@ def cleanup_footprints(
     - `connected`: keep only the most energetic connected piece.
     - `min_weight`: relative weight below which a pixel is dropped (0 keeps all positive weights).
     - `normalise`: scale each non-empty column to unit l2 norm.
+    - `block`: components cleaned at a time (memory: the float64 work arrays are (d, block)).
 
     **Returns:** `(A_clean, norms)`: A_clean (d, K) (same dtype as A), norms (K,) the l2 norm of each cleaned column
     before normalisation (zero for an empty one). The caller keeps the model A C unchanged by `C *= norms[:, None]`.
@@ -123,9 +142,21 @@ def cleanup_footprints(
     A_in = jnp.asarray(A)
     if A_in.ndim != 2 or A_in.shape[0] != H * W:
         raise ParameterError(f"A: expected shape (H*W, K) = ({H * W}, K) for shape={shape}, got {A_in.shape}.")
-    a = np.array(A_in, dtype=np.float64)
+    host = np.asarray(A_in)
+    K = host.shape[1]
+    out = np.empty(host.shape, np.dtype(A_in.dtype))
+    norms = np.empty(K, np.float64)
+    for k0 in range(0, K, block):  # columns are cleaned independently: float64 work arrays for a block at a time
+        a, n = _cleanup_columns(np.array(host[:, k0 : k0 + block], dtype=np.float64), H, W, connected, min_weight,
+                                normalise)
+        out[:, k0 : k0 + block], norms[k0 : k0 + block] = a, n
+    return jax.device_put(out), jnp.asarray(norms, A_in.dtype)
+
+
+def _cleanup_columns(a: np.ndarray, H: int, W: int, connected: bool, min_weight: float, normalise: bool):
+    """`cleanup_footprints` on the float64 columns a (d, k) (modified in place); returns (cleaned a, norms)."""
     K = a.shape[1]
-    a = np.maximum(a, 0.0)
+    a = np.maximum(a, 0.0, out=a)
     peak = a.max(axis=0, initial=0.0)
     a[a < min_weight * peak[None, :]] = 0.0
     if connected and K:
@@ -148,7 +179,7 @@ def cleanup_footprints(
     norms = np.sqrt((a**2).sum(axis=0))
     if normalise:
         a = a / np.where(norms > 0, norms, 1.0)[None, :]
-    return jnp.asarray(a, A_in.dtype), jnp.asarray(norms, A_in.dtype)
+    return a, norms
 
 
 # ---------------------------------------------------------------------------------------------- sufficient statistics
@@ -331,18 +362,23 @@ def _solve_all(Q, G, rr, budget, idx, valid, A, b, *, n_sweeps, n_lambda, constr
     return A_new, b_new
 
 
-def _candidates(search: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(search: np.ndarray, block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel, the indices of the components whose search area holds it, padded to a multiple of 4 columns."""
     d, K = search.shape
     counts = search.sum(axis=1)
     m = int(counts.max(initial=0))
     m = max(4, 4 * (-(-m // 4)))
-    order = np.argsort(~search, axis=1, kind="stable")[:, :m] if K else np.zeros((d, 0), int)
-    if order.shape[1] < m:
-        order = np.pad(order, ((0, 0), (0, m - order.shape[1])))
-    valid = np.take_along_axis(search, order, axis=1) if K else np.zeros((d, m), bool)
+    order = np.zeros((d, m), np.int32)
+    valid = np.zeros((d, m), bool)
+    step = max(1, block // max(K, 1))  # pixels at a time: the argsort's (pixels, K) int64 work array stays small
+    for p0 in range(0, d if K else 0, step):
+        part = search[p0 : p0 + step]
+        o = np.argsort(~part, axis=1, kind="stable")[:, :m]
+        n = o.shape[1]
+        order[p0 : p0 + step, :n] = o
+        valid[p0 : p0 + step, :n] = np.take_along_axis(part, o, axis=1)
     valid = valid & (np.arange(m)[None, :] < counts[:, None])
-    return order.astype(np.int32), valid
+    return order, valid
 
 
 # ------------------------------------------------------------------------------------------------------ the update

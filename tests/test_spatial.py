@@ -10,7 +10,7 @@ import pytest
 from scipy.optimize import minimize, nnls
 
 from jaxcnmf.errors import ParameterError
-from jaxcnmf.spatial import _solve_all, cleanup_footprints, search_areas, update_spatial
+from jaxcnmf.spatial import _candidates, _solve_all, cleanup_footprints, search_areas, update_spatial
 
 H, W, T, K = 6, 6, 60, 3
 
@@ -188,3 +188,32 @@ def test_bad_arguments():
     with pytest.raises(ParameterError, match="sn"):
         update_spatial(Y, np.zeros((16, 1)), np.zeros((1, 10)), np.zeros((16, 1)), np.ones((1, 10)), np.ones(15),
                        radius=1.0, shape=(4, 4))
+
+
+def test_blocked_search_areas_cleanup_and_candidates_equal_one_block():
+    """search_areas, cleanup_footprints (blocks of components) and _candidates (blocks of pixels) work by blocks for
+    memory; any block size (the last block short) must give exactly the one-block result."""
+    rng = np.random.default_rng(4)
+    H, W, K = 23, 19, 30
+    yy, xx = np.mgrid[:H, :W]
+    A = np.zeros((H * W, K), np.float32)
+    for k in range(K):
+        r, c = rng.integers(0, H), rng.integers(0, W)
+        blob = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 6.0) * (1 + 0.3 * rng.random((H, W)))
+        A[:, k] = (blob + 0.5 * (rng.random((H, W)) < 0.03)).ravel()  # specks: pieces the clean-up drops
+    A[:, 3] = 0.0
+    for compact in (True, False):
+        ref = np.asarray(search_areas(A, (H, W), 3.0, compact=compact, block=K))
+        np.testing.assert_array_equal(np.asarray(search_areas(A, (H, W), 3.0, compact=compact, block=7)), ref)
+        assert ref.any() and not ref[:, 3].any()
+    for connected in (True, False):
+        a_ref, n_ref = cleanup_footprints(A, (H, W), connected=connected, block=K)
+        a, n = cleanup_footprints(A, (H, W), connected=connected, block=7)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(a_ref))
+        np.testing.assert_array_equal(np.asarray(n), np.asarray(n_ref))
+    search = np.asarray(search_areas(A, (H, W), 3.0))
+    idx_ref, valid_ref = _candidates(search, block=10**9)
+    idx, valid = _candidates(search, block=K * 10)  # 10 pixels at a time
+    np.testing.assert_array_equal(idx, idx_ref)
+    np.testing.assert_array_equal(valid, valid_ref)
+    assert valid.sum() == search.sum()
