@@ -365,6 +365,14 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
         return jax.device_put(Yr)
 
 
+def _stage_done(prog: Progress, stage: str, info: str = "") -> None:
+    """End of a fit stage: release the freed heap, then report."""
+    from .init import release_free_memory
+
+    release_free_memory()
+    prog.done(stage, info)
+
+
 def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Result:
     """The fit itself on a checked `(T, H, W)` float array (see `fit`, which validates and loads the movie first).
 
@@ -400,7 +408,7 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
 
     sn = np.asarray(estimate_noise_movie(Y, chunk_frames=prm.chunk_frames), np.float32)
     sn_flat = jnp.asarray(sn.reshape(d))
-    prog.done("noise", f"median sn {float(np.median(sn)):.3g}")
+    _stage_done(prog, "noise", f"median sn {float(np.median(sn)):.3g}")
 
     key = jax.random.PRNGKey(prm.seed)
     k_max = prm.K if prm.K is not None else default_max_components(H, W, radius)
@@ -418,7 +426,8 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
     b, f = jnp.asarray(ini.b, jnp.float32), jnp.asarray(ini.f, jnp.float32)
     A, C = _drop_degenerate(A, C)
     capped = prm.K is None and prm.init == "greedy" and A.shape[1] >= k_max
-    prog.done("initialise", f"{A.shape[1]} components" + (" (stopped at the safeguard bound; pass K)" if capped else ""))
+    _stage_done(prog, "initialise",
+                f"{A.shape[1]} components" + (" (stopped at the safeguard bound; pass K)" if capped else ""))
 
     tr = None
     for it in range(prm.n_iter):
@@ -429,17 +438,17 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
         A, norms = cleanup_footprints(A, (H, W), connected=compact)
         C = C * jnp.asarray(norms, C.dtype)[:, None]
         A, C = _drop_degenerate(A, C)
-        prog.done(f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
+        _stage_done(prog, f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
         if A.shape[1] == 0:
             break
         b, f = update_background(Yr, A, C, b, f, n_iter=prm.background_iter)
-        prog.done(f"background {it + 1}/{prm.n_iter}")
+        _stage_done(prog, f"background {it + 1}/{prm.n_iter}")
         tr = update_temporal(Yr, A, C, b, f, p=prm.p, n_sweeps=prm.temporal_sweeps, lam=prm.lam, s_min=prm.s_min)
         C, f = tr.C, tr.f
         keep = np.flatnonzero(~degenerate_components(A, C))
         A, C = A[:, keep], C[keep]
         tr = _take_temporal(tr, keep)
-        prog.done(f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
+        _stage_done(prog, f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
         if it < prm.n_iter - 1 and A.shape[1] > 1:
             keep = np.flatnonzero(~mixture_components(A, C, thr=prm.mixture_thr))
             n_mix = A.shape[1] - keep.size
@@ -447,10 +456,10 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
             mr = merge_components(A, C, thr=prm.merge_thr) if prm.merge_thr < 1 else None
             if mr is not None:
                 A, C = mr.A, mr.C
-            prog.done(f"merge {it + 1}/{prm.n_iter}", f"{0 if mr is None else len(mr.groups)} merges, {n_mix} "
+            _stage_done(prog, f"merge {it + 1}/{prm.n_iter}", f"{0 if mr is None else len(mr.groups)} merges, {n_mix} "
                       f"mixtures dropped, {A.shape[1]} components")
         else:
-            prog.done(f"merge {it + 1}/{prm.n_iter}", "skipped")
+            _stage_done(prog, f"merge {it + 1}/{prm.n_iter}", "skipped")
 
     if A.shape[1] == 0 or tr is None:
         return empty_result((T, H, W), prm, sn=sn, b=b, f=f)
@@ -461,13 +470,13 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
         tr = update_temporal(Yr, A, C, b, f, g=tr.g[keep], p=prm.p, n_sweeps=prm.temporal_sweeps, lam=prm.lam,
                              s_min=prm.s_min)
         C, f = tr.C, tr.f
-    prog.done("final check", f"{int(mixed.sum())} mixtures dropped")
+    _stage_done(prog, "final check", f"{int(mixed.sum())} mixtures dropped")
 
     q = evaluate_components(Yr, A, C, b, f, sn_flat, tr.YrA, fps=prm.fps, min_snr=prm.min_snr,
                             rval_thr=prm.rval_thr, shape=(H, W), radius=radius)
     snr, r_value, accepted = (np.asarray(x) for x in (q.snr, q.r_value, q.accepted))
     order = np.lexsort((-np.nan_to_num(snr, nan=-np.inf), ~accepted.astype(bool)))
-    prog.done("quality", f"{int(accepted.sum())} of {len(accepted)} accepted")
+    _stage_done(prog, "quality", f"{int(accepted.sum())} of {len(accepted)} accepted")
 
     A_np = np.asarray(A)[:, order]
     per = lambda x: np.asarray(x)[order]  # noqa: E731

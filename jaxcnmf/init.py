@@ -299,6 +299,29 @@ def _greedy_round(
     return Rp, Bp, Ep, Pp, a, c, q, valid
 
 
+_MALLOC_TRIM = None  # glibc's malloc_trim once looked up; False where there is none
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim`; a no-op elsewhere). Internal (not in
+    `__all__`): `_prepare` calls it after its blocked passes and `fit` after every stage.
+
+    The blocked passes over the movie allocate and free many block-sized buffers; glibc keeps freed blocks of up to
+    32 MB in its heap (its mmap threshold adapts to them), so without this the resident size after a stage stays up
+    to a few hundred MB above what is live, and the next stage's whole-movie arrays come on top of it.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
 PREPARE_BLOCK = 1 << 22  # elements (16 MB of float32) per block of `_prepare`'s passes over the movie
 
 
@@ -361,6 +384,8 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
     nt = int(min(T, max(1, block // (H * W))))
     for t0 in _starts(T, nt):
         Rp, Bp = _fill_frames(Rp, Bp, _block_of(Y, t0, nt), median, g, box, jnp.asarray(t0, jnp.int32))
+        Rp.block_until_ready()
+        release_free_memory()  # else the C heap keeps each freed block (fragmentation): ~1 padded movie here
 
     E, P, sn_b = (np.empty((H, W), dtype) for _ in range(3))
     for r0 in _starts(H, rows):
@@ -368,6 +393,7 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
                                n_slow=n_slow)
         E[r0 : r0 + rows], P[r0 : r0 + rows] = np.asarray(e), np.asarray(p)
         sn_b[r0 : r0 + rows] = np.median(np.asarray(dB), axis=0)
+        release_free_memory()
     sn_b = sn_b / (0.6744897501960817 * math.sqrt(2.0))
     sn_b = np.maximum(sn_b, np.finfo(np.dtype(dtype)).tiny)
     return median, Rp, Bp, sn_b, jnp.pad(jnp.asarray(E), pad), jnp.pad(jnp.asarray(P), pad)

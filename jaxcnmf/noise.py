@@ -179,6 +179,8 @@ def _chunk_statistic_by_rows(chunk: np.ndarray, freq_range, method, block: int |
     """`_chunk_statistic` of a (frames, H, W) chunk computed by blocks of image rows (each pixel's statistic needs
     only its own trace), so the transposed copy, spectrum and powers exist for one block at a time rather than for
     the whole chunk. Returns float64 (H, W). Blocks have one shape (the last one overlaps the one before)."""
+    from .init import release_free_memory
+
     n, H, W = chunk.shape
     block = NOISE_BLOCK if block is None else block
     rows = int(min(H, max(1, block // max(1, n * W))))
@@ -186,6 +188,7 @@ def _chunk_statistic_by_rows(chunk: np.ndarray, freq_range, method, block: int |
     for r0 in sorted({min(r, H - rows) for r in range(0, H, rows)}):
         part = jnp.asarray(chunk[:, r0 : r0 + rows])
         stat[r0 : r0 + rows] = np.asarray(_chunk_statistic(part, freq_range, method), np.float64)
+        release_free_memory()  # else the C heap keeps the freed blocks (fragmentation)
     return stat
 
 
