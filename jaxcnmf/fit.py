@@ -282,6 +282,8 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
     **Arguments:**
 
     - `movie`: a `(T, H, W)` array, a path (TIFF, folder of TIFFs, .npy, .h5:/dataset) or an `io.MovieSource`.
+      A finite float32 numpy array is read in place (never written); anything else is read once into memory and
+      that copy is freed as soon as the fit's `(pixels, frames)` copy exists.
     - `neuron_radius`: expected soma radius in pixels (required, here or in `params`).
     - `fps`: frame rate in Hz, optional (see `Params.fps`).
     - `K`: optional upper bound on the number of components.
