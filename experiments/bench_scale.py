@@ -28,11 +28,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MACHINE = "2-core CPU (this dev box), no GPU"
-LOAD_NOTE = "shared box, up to 8 helpers running: timings noisy"
+LOAD_NOTE = ""  # set from --note (e.g. what else ran on the machine)
 
 
 def _row(bench: str, result: str, command: str, append: bool) -> None:
-    line = f"| {datetime.date.today()} | {bench} | {MACHINE} | {result} ({LOAD_NOTE}) | `{command}` |"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    note = f" ({LOAD_NOTE})" if LOAD_NOTE else ""
+    line = f"| {when} | {bench} | {MACHINE} | {result}{note} | `{command}` |"
     print(line, flush=True)
     if append:
         path = HERE / "RESULTS.md"
@@ -99,10 +101,15 @@ def watch():
                 peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
         time.sleep(0.05)
 threading.Thread(target=watch, daemon=True).start()
+import jaxcnmf.patches as _p
+_note = _p.ProgressBar.note
+def note(self, text):  # each stage line also says the peak resident memory so far
+    _note(self, text + "  [peak RSS so far %.2f GiB]" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+_p.ProgressBar.note = note
 from jaxcnmf.patches import fit_patches
 t = time.perf_counter()
 res = fit_patches({path!r}, {radius}, fps=30.0, patch_size={patch}, overlap={overlap}, memory_budget={budget!r},
-                  progress=True)
+                  checkpoint_dir={ck!r}, progress=True)
 elapsed = time.perf_counter() - t
 from jaxcnmf.io import save_result
 save_result({out!r}, res)
@@ -112,29 +119,45 @@ print("RESULT" + json.dumps({{"elapsed": elapsed, "maxrss": resource.getrusage(r
 
 
 def out_of_core(args):
-    """Fit a uint16 movie from disk in a child process and report its peak resident memory."""
+    """Fit a uint16 movie from disk in a child process and report its peak resident memory.
+
+    The movie and the patch checkpoints live in `--workdir` when given (kept, so a rerun reuses the movie and resumes
+    finished patches), else in a temporary folder.
+    """
+    import contextlib
+
     from jaxcnmf.io import load_result
 
     T = args.ooc_frames
     H = W = args.shape
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        path = os.path.join(tmp, "movie.npy")
-        block, truth = _sim(args.shape, min(args.block, T), seed=2, radius=args.radius, quantize=True,
-                            background_level=1000.0)
-        block = np.clip(np.round(block), 0, 65535).astype(np.uint16)
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=(T, H, W))
-        for t0 in range(0, T, len(block)):
-            n = min(len(block), T - t0)
-            mm[t0:t0 + n] = block[:n]
-        mm.flush()
-        del mm, block
+    block, truth = _sim(args.shape, min(args.block, T), seed=2, radius=args.radius, quantize=True,
+                        background_level=1000.0)
+    clean = truth.noise_free()
+    noise = block - clean
+    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(dir=args.tmp)) as tmp:
+        os.makedirs(tmp, exist_ok=True)
+        path = os.path.join(tmp, f"movie_{H}x{W}x{T}.npy")
+        if not os.path.exists(path):
+            # the block's cells and activity repeat, its noise does not: each repetition gets the noise rolled by a
+            # random number of frames with a random sign (a movie whose noise repeats exactly has no power at the
+            # frequencies between the repetition's harmonics, and every noise estimate fails on it)
+            rng = np.random.default_rng(7)
+            mm = np.lib.format.open_memmap(path + ".part.npy", mode="w+", dtype=np.uint16, shape=(T, H, W))
+            for t0 in range(0, T, len(block)):
+                n = min(len(block), T - t0)
+                rolled = np.roll(noise, int(rng.integers(len(block))), axis=0) * rng.choice([-1.0, 1.0])
+                mm[t0:t0 + n] = np.clip(np.round(clean[:n] + rolled[:n]), 0, 65535).astype(np.uint16)
+            mm.flush()
+            del mm
+            os.replace(path + ".part.npy", path)
+        del block, clean, noise
         out = os.path.join(tmp, "result.npz")
+        ck = os.path.join(tmp, f"checkpoints_{H}x{T}_p{args.patch}_{args.memory_budget}")
         code = textwrap.dedent(_OOC_CHILD.format(here=str(HERE.parent), path=path, radius=args.radius,
                                                  patch=args.patch, overlap=args.overlap, budget=args.memory_budget,
-                                                 out=out))
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                                                 out=out, ck=ck))
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         if proc.returncode:
-            print(proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit("out-of-core child failed")
         info = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][6:])
         res = load_result(out)
@@ -143,12 +166,13 @@ def out_of_core(args):
                       "fps": truth.fps}
         f1, corr = _score(res, truth_long)
     gb = T * H * W * 4 / 1e9
-    res_txt = (f"{H}x{W}x{T} uint16 .npy ({gb:.2f} GB as float32), budget {args.memory_budget}: peak RSS "
-               f"{info['maxrss'] / 2**30:.2f} GiB (anonymous {info['peak_anon'] / 2**30:.2f} GiB) = "
-               f"{info['maxrss'] / (gb * 1e9):.2f} x the float32 movie; {info['elapsed']:.0f} s; "
-               f"K={info['K']}, F1 {f1:.3f}, corr {corr:.3f}")
+    res_txt = (f"{H}x{W}x{T} uint16 .npy ({gb:.2f} GB as float32, {gb / 2:.2f} GB on disk), budget "
+               f"{args.memory_budget}, patches {args.patch}+{args.overlap}: peak RSS {info['maxrss'] / 2**30:.2f} GiB "
+               f"(anonymous {info['peak_anon'] / 2**30:.2f} GiB) = {info['maxrss'] / (gb * 1e9):.3f} x the float32 "
+               f"movie; {info['elapsed']:.0f} s; K={info['K']} for {truth.A.shape[0]} neurons, F1 {f1:.3f}, "
+               f"median calcium corr {corr:.3f}")
     _row("scale: out-of-core fit from disk (peak memory)", res_txt,
-         f"python experiments/bench_scale.py --sections ooc --shape {H} --ooc-frames {T} "
+         f"python experiments/bench_scale.py --sections ooc --shape {H} --ooc-frames {T} --patch {args.patch} "
          f"--memory-budget {args.memory_budget}", args.append)
 
 
@@ -260,8 +284,12 @@ def main(argv=None):
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--tmp", default=None, help="folder for temporary movies (default: the system's)")
+    ap.add_argument("--workdir", default=None, help="ooc: keep the movie and patch checkpoints here (resumable)")
     ap.add_argument("--append", action="store_true", help="append rows to experiments/RESULTS.md")
+    ap.add_argument("--note", default="", help="added to each row (e.g. the machine's load)")
     args = ap.parse_args(argv)
+    global LOAD_NOTE
+    LOAD_NOTE = args.note
     for name in args.sections.split(","):
         SECTIONS[name.strip()](args)
 

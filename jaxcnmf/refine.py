@@ -391,7 +391,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
     **Returns:** the whole-field `Result` (same layout and ordering as `fit`'s).
     """
     from .fit import empty_result
-    from .patches import Streamer, chunk_frames_for_budget, parse_memory_budget
+    from .patches import _FIT_BASE, Streamer, chunk_frames_for_budget, parse_memory_budget, relieve_memory
 
     T, H, W = source.shape
     d = H * W
@@ -402,12 +402,15 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
     K, nb = A.shape[1], b.shape[1]
     bands = band_rows(H, W, band_pixels)
     band_px = max(r1 - r0 for r0, r1 in bands) * W
+    budget = parse_memory_budget(memory_budget)
     if chunk_frames is None:
-        reserved = 4 * (d * (K + nb) + 5 * K * T + 4 * band_px * (K // max(len(bands), 1) + 64))
-        chunk_frames = chunk_frames_for_budget(parse_memory_budget(memory_budget), band_px, reserved, n_frames=T)
+        # the runtime and compiled programs, the dense result, ~8 (K, T) trace arrays, a band's statistics
+        reserved = _FIT_BASE + 4 * (d * (K + nb) + 8 * K * T + 4 * band_px * (K // max(len(bands), 1) + 64))
+        chunk_frames = chunk_frames_for_budget(budget, band_px, reserved, n_frames=T)
     stream = Streamer(source, chunk_frames, devices, band_pixels=band_px)
     k_bin = int(getattr(start, "bin", 1))
     sn_img = np.asarray(start.sn, np.float32)
+    relieve_memory(budget)  # what the patch fits left behind
     if k_bin > 1:
         sn_img = noise_banded(stream, bands, chunk_frames=prm.chunk_frames).reshape(H, W)
         note(f"refine: noise at the movie's rate (patch fits saw bins of {k_bin} frames)")
@@ -422,6 +425,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
     for it in range(n_iter):
         if A.shape[1] == 0:
             break
+        relieve_memory(budget)
         A, b = spatial_banded(stream, bands, A, C, b, f, sn, radius=float(prm.neuron_radius), shape=(H, W),
                               method=prm.spatial_method, compact=compact)
         A, norms = cleanup_sparse(A, (H, W), connected=compact)
@@ -445,6 +449,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
         return empty_result((T, H, W), prm, sn=sn_img, b=b, f=f)
     q = quality_banded(stream, bands, A, tr, b, f, sn, prm, (H, W))
     note("refine: quality")
+    relieve_memory(budget)  # room for the dense footprints of the result
     return _assemble(A, tr, b, f, sn_img, q, prm, (H, W))
 
 

@@ -66,25 +66,29 @@ def test_memory_budget_and_chunks():
 # --------------------------------------------------------------------------------- exact compressions (float64)
 
 
-def _toy(seed=0, H=6, W=5, K=3, nb=1, T=60):
+def _toy(seed=0, H=6, W=5, K=3, nb=1, T=60, bg=1.0):
     rng = np.random.default_rng(seed)
     d = H * W
     A = np.zeros((d, K))
     for k in range(K):
         A[rng.choice(d, 8, replace=False), k] = rng.uniform(0.2, 1, 8)
     C = np.maximum(rng.normal(0, 1, (K, T)).cumsum(1) * 0.3 + 2, 0)
-    b = rng.uniform(0.5, 1, (d, nb))
+    b = bg * rng.uniform(0.5, 1, (d, nb))
     f = 5 + rng.normal(0, 0.2, (nb, T))
     sn = rng.uniform(0.2, 0.4, d)
     Y = A @ C + b @ f + sn[:, None] * rng.normal(size=(d, T))
     return Y, A, C, b, f, sn, (H, W)
 
 
-def test_compress_time_gives_the_full_spatial_update():
+# bg=1e5: a background 10^5 times brighter than the cells (a uint16 recording's baseline against unit-norm
+# footprints): the compressions' rank must not depend on the units
+@pytest.mark.parametrize("bg", [1.0, 1e5])
+def test_compress_time_gives_the_full_spatial_update(bg):
     from jaxcnmf.spatial import update_spatial
 
     with jax.enable_x64(True):
-        Y, A, C, b, f, sn, shape = _toy()
+        Y, A, C, b, f, sn, shape = _toy(bg=bg)
+        f = f / bg  # the background in the traces instead: F's rows differ by orders of magnitude
         T = Y.shape[1]
         # a start away from the truth, so the update moves
         A0, C0 = A * 0.8 + 0.05 * (A > 0), C * 1.1
@@ -100,11 +104,12 @@ def test_compress_time_gives_the_full_spatial_update():
         np.testing.assert_allclose(np.asarray(b_comp), np.asarray(b_full), rtol=1e-6, atol=1e-8)
 
 
-def test_compress_pixels_gives_the_full_temporal_update():
+@pytest.mark.parametrize("bg", [1.0, 1e5])
+def test_compress_pixels_gives_the_full_temporal_update(bg):
     from jaxcnmf.temporal import color_components, update_temporal
 
     with jax.enable_x64(True):
-        Y, A, C, b, f, sn, shape = _toy(seed=1)
+        Y, A, C, b, f, sn, shape = _toy(seed=1, bg=bg)
         M = np.concatenate([A, b], axis=1)
         Yp, Ap, bp = compress_pixels(M.T @ Y, A, b)
         assert Yp.shape[0] <= M.shape[1] and Yp.dtype == np.float64
