@@ -5,7 +5,8 @@ Every section measures its peer in the same run and prints a ratio; `--append` a
 experiments/RESULTS.md. The defaults are small (a shared 2-core box); the issue's sizes are:
 
     python experiments/bench_scale.py --sections accuracy --shape 512 --frames 2000
-    python experiments/bench_scale.py --sections ooc --shape 512 --ooc-frames 20000 --memory-budget 2GB
+    python experiments/bench_scale.py --sections ooc --shape 512 --ooc-frames 20000 --patch 96 --memory-budget 2GB
+    python experiments/bench_scale.py --sections scaling,devices,dask --frames 2000 --scale-side 128 --patch 64
 
 Movies come from `jaxcnmf.sim`. The out-of-core movie is written block by block to a uint16 .npy (one simulated block
 of `--block` frames repeated with its noise; the fit does not know), so it never exists in memory.
@@ -102,9 +103,13 @@ def watch():
         time.sleep(0.05)
 threading.Thread(target=watch, daemon=True).start()
 import jaxcnmf.patches as _p
+def hwm():  # this process's own peak resident memory (VmHWM; ru_maxrss would include the parent's peak at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 _note = _p.ProgressBar.note
 def note(self, text):  # each stage line also says the peak resident memory so far
-    _note(self, text + "  [peak RSS so far %.2f GiB]" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    _note(self, text + "  [peak RSS so far %.2f GiB]" % (hwm() / 2**30))
 _p.ProgressBar.note = note
 from jaxcnmf.patches import fit_patches
 t = time.perf_counter()
@@ -113,7 +118,7 @@ res = fit_patches({path!r}, {radius}, fps=30.0, patch_size={patch}, overlap={ove
 elapsed = time.perf_counter() - t
 from jaxcnmf.io import save_result
 save_result({out!r}, res)
-print("RESULT" + json.dumps({{"elapsed": elapsed, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print("RESULT" + json.dumps({{"elapsed": elapsed, "maxrss": hwm(),
                               "peak_anon": peak["anon"], "K": res.n_components}}))
 """
 
@@ -143,10 +148,13 @@ def out_of_core(args):
             # frequencies between the repetition's harmonics, and every noise estimate fails on it)
             rng = np.random.default_rng(7)
             mm = np.lib.format.open_memmap(path + ".part.npy", mode="w+", dtype=np.uint16, shape=(T, H, W))
-            for t0 in range(0, T, len(block)):
-                n = min(len(block), T - t0)
-                rolled = np.roll(noise, int(rng.integers(len(block))), axis=0) * rng.choice([-1.0, 1.0])
-                mm[t0:t0 + n] = np.clip(np.round(clean[:n] + rolled[:n]), 0, 65535).astype(np.uint16)
+            L = len(block)
+            for t0 in range(0, T, L):
+                shift, sign = int(rng.integers(L)), np.float32(rng.choice([-1.0, 1.0]))
+                for s0 in range(0, min(L, T - t0), 50):  # 50 frames at a time, float32: the parent stays small
+                    s1 = min(s0 + 50, L, T - t0)
+                    rolled = noise[(np.arange(s0, s1) - shift) % L] * sign
+                    mm[t0 + s0:t0 + s1] = np.clip(np.round(clean[s0:s1] + rolled), 0, 65535).astype(np.uint16)
             mm.flush()
             del mm
             os.replace(path + ".part.npy", path)
@@ -177,27 +185,27 @@ def out_of_core(args):
 
 
 def scaling(args):
-    """Time of `fit_patches` vs frames (3 lengths) and vs pixels (3 sizes); each timed on a second run of the same
-    shape, so compilation (once per shape) is left out."""
+    """Time of `fit_patches` vs frames (T/4, T/2, T at `--scale-side` pixels square) and vs pixels (sides S/2, 3S/4,
+    S at T/2 frames); each timed on a second run of the same movie, so compilation is mostly left out (a run whose
+    patches find a new number of components still compiles for it)."""
     from jaxcnmf.patches import fit_patches
 
     kw = dict(fps=30.0, patch_size=args.patch, overlap=args.overlap)
-    times_t, frames = [], [args.frames // 4, args.frames // 2, args.frames]
+
+    def timed(side, T, seed):
+        movie, _ = _sim(side, T, seed=seed, radius=args.radius)
+        fit_patches(movie, args.radius, **kw)  # compile for this shape
+        return _timed(fit_patches, movie, args.radius, **kw)[1]
+
     side = args.scale_side
-    for T in frames:
-        movie, _ = _sim(side, T, seed=3, radius=args.radius)
-        fit_patches(movie, args.radius, **kw)  # compile for this length
-        times_t.append(_timed(fit_patches, movie, args.radius, **kw)[1])
-    sizes = [side, int(side * 1.5), side * 2]
-    times_p = []
-    for s in sizes:
-        movie, _ = _sim(s, frames[0], seed=4, radius=args.radius)
-        fit_patches(movie, args.radius, **kw)  # compile the whole-field passes for this size
-        times_p.append(_timed(fit_patches, movie, args.radius, **kw)[1])
+    frames = [args.frames // 4, args.frames // 2, args.frames]
+    times_t = [timed(side, T, 3) for T in frames]
+    sizes = [side // 2, (3 * side) // 4, side]
+    times_p = [timed(s, frames[1], 4) for s in sizes]
     et, ep = _slope(frames, times_t), _slope(np.square(sizes), times_p)
     res = (f"frames {frames} at {side}x{side}: {', '.join(f'{t:.1f}' for t in times_t)} s, exponent {et:.2f}; "
-           f"pixels {[f'{s}x{s}' for s in sizes]} at {frames[0]} frames: {', '.join(f'{t:.1f}' for t in times_p)} s, "
-           f"exponent {ep:.2f} (compiled runs; patches {args.patch}+{args.overlap})")
+           f"pixels {[f'{s}x{s}' for s in sizes]} at {frames[1]} frames: {', '.join(f'{t:.1f}' for t in times_p)} s, "
+           f"exponent {ep:.2f} (second runs; patches {args.patch}+{args.overlap})")
     _row("scale: fit_patches time vs frames and pixels", res,
          f"python experiments/bench_scale.py --sections scaling --frames {args.frames} --scale-side {side}",
          args.append)
@@ -279,7 +287,8 @@ def main(argv=None):
     ap.add_argument("--ooc-frames", type=int, default=2000, help="frames of the out-of-core movie (issue: 20000)")
     ap.add_argument("--block", type=int, default=500, help="simulated frames repeated to build the ooc movie")
     ap.add_argument("--memory-budget", default="2GB")
-    ap.add_argument("--scale-side", type=int, default=48, help="smallest field side of the scaling runs")
+    ap.add_argument("--scale-side", type=int, default=48,
+                    help="largest field side of the scaling runs (devices and dask: twice it)")
     ap.add_argument("--radius", type=float, default=4.0)
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--overlap", type=int, default=16)

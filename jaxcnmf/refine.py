@@ -210,16 +210,21 @@ def merge_groups_sparse(A: sp.csc_matrix, C: np.ndarray, thr: float) -> list[lis
 # -------------------------------------------------------------------------------------------------- banded stages
 
 
-def noise_banded(stream, bands, *, chunk_frames: int, method: str = "logmexp", freq_range=(0.25, 0.5)) -> np.ndarray:
-    """`noise.estimate_noise_movie` band by band (same windows, same statistic): `(H, W)` float32."""
+def noise_banded(stream, *, chunk_frames: int, method: str = "logmexp", freq_range=(0.25, 0.5),
+                 block: int = 1 << 22) -> np.ndarray:
+    """`noise.estimate_noise_movie` by bands of rows (same windows, same statistic): `(H, W)` float32.
+
+    A window holds `chunk_frames` frames of every pixel it covers (the spectrum needs them), so the bands are as
+    high as `block` elements allow (16 MB of float32 by default), whatever the bands of the other passes.
+    """
     import jax.numpy as jnp
 
     from .noise import _chunk_statistic, _finish_noise, _movie_chunks
 
-    T, W = stream.T, stream.W
+    T, H, W = stream.T, stream.H, stream.W
     out = []
     L = min(int(chunk_frames), T)
-    for r0, r1 in bands:
+    for r0, r1 in band_rows(H, W, max(W, block // L)):
         total = np.zeros((r1 - r0, W), np.float64)
         for start, stop, weight in _movie_chunks(T, L):
             chunk = stream.read(start, stop, r0, r1)
@@ -412,7 +417,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
     sn_img = np.asarray(start.sn, np.float32)
     relieve_memory(budget)  # what the patch fits left behind
     if k_bin > 1:
-        sn_img = noise_banded(stream, bands, chunk_frames=prm.chunk_frames).reshape(H, W)
+        sn_img = noise_banded(stream, chunk_frames=prm.chunk_frames).reshape(H, W)
         note(f"refine: noise at the movie's rate (patch fits saw bins of {k_bin} frames)")
     sn = sn_img.reshape(d)
     compact = prm.init == "greedy"

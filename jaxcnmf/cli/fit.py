@@ -56,7 +56,9 @@ def add_parser(subparsers) -> None:
                    help="pixels shared by neighbouring patches (CaImAn stride; default 4 neuron radii)")
     g.add_argument("--checkpoint-dir", default=None,
                    help="folder for per-patch results: a killed run resumes where it stopped, with the same result")
-    g.add_argument("--memory-budget", default=None, help='memory budget for the streamed passes, e.g. "2GB"')
+    g.add_argument("--memory-budget", default=None,
+                   help='memory the run keeps to, e.g. "2GB": sets the chunks of the streamed passes and, for long '
+                        'movies, the frames binned together for the patch fits (the result stays at full rate)')
     g.add_argument("--engine", choices=("local", "dask"), default=None,
                    help="where patches run: this process (default) or a Dask cluster (the current client or a new "
                         "local one)")
