@@ -19,6 +19,11 @@ from .background import hals_f_step
 _EPS = 1e-12
 
 
+# most trace frames (group members x frames) deconvolved at once: the exact AR(2) solve keeps a few dozen arrays of
+# the trace's length per member, ~1 GB for 100 members of 20,000 frames
+MAX_GROUP_FRAMES = 1 << 20
+
+
 class TemporalResult(eqx.Module):
     """What `update_temporal` returns; every per-component array has a leading `K` axis.
 
@@ -205,6 +210,7 @@ def update_temporal(
     s_min: float = 0.0,
     baseline: bool | float = True,
     c1: bool | float = True,
+    max_group_frames: int = MAX_GROUP_FRAMES,
 ) -> TemporalResult:
     """Update the traces of all components with the footprints fixed (CaImAn's `update_temporal_components`).
 
@@ -230,12 +236,16 @@ def update_temporal(
     - `n_sweeps`: passes of block-coordinate descent over all groups (CaImAn's `ITER`).
     - `update_f`: refit the background traces before each sweep.
     - `lam`, `s_min`, `baseline`, `c1`: passed to `deconv.deconvolve` (`lam=None` is the noise-constrained form).
+    - `max_group_frames`: most trace frames deconvolved at once (members x T); larger groups are split
+      (`split_groups`), which bounds the deconvolution's working memory on long movies and changes nothing else:
+      members of a group do not overlap, so their updates do not depend on each other.
 
     **Returns:** a `TemporalResult` (`C`, `S`, `YrA`, `g`, `baseline`, `c1`, `lam`, `f`, `sn`).
     """
     K = A.shape[1]
     dtype = jnp.result_type(Yr)
     groups = np.asarray(color_components(A) if groups is None else groups, np.int32)
+    groups = split_groups(groups, K, max(1, int(max_group_frames) // max(int(Yr.shape[1]), 1)))
     Kp = bucket(K)  # pad K and the groups to a few fixed sizes so that a fit whose K changes rarely recompiles
     groups = pad_groups(groups, K, Kp)
     A = jnp.asarray(A, dtype)
@@ -272,6 +282,27 @@ def bucket(n: int) -> int:
         if n <= size:
             return size
     return -(-n // 1024) * 1024
+
+
+def split_groups(groups: np.ndarray, K: int, max_members: int) -> np.ndarray:
+    """Split each group of a colouring into groups of at most `max_members` (a group's members do not overlap, so
+    any subset of it is a valid group too).
+
+    **Arguments:** `groups` `(G, M)` padded with `K`; `K` the number of components; `max_members` (>= 1).
+
+    **Returns:** `(G', M')` int32 padded with `K` (`groups` itself when no group is larger).
+    """
+    groups = np.asarray(groups, np.int32)
+    if groups.shape[1] <= max_members:
+        return groups
+    rows = []
+    for row in groups:
+        members = row[row < K]
+        rows += [members[i:i + max_members] for i in range(0, len(members), max_members)] or [members]
+    out = np.full((len(rows), max(1, max(len(r) for r in rows))), K, np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def pad_groups(groups: np.ndarray, K: int, Kp: int) -> np.ndarray:

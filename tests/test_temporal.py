@@ -133,3 +133,22 @@ def test_gradient_wrt_movie_matches_finite_differences():
             eps = 1e-6
             fd = (loss(Y + eps * v) - loss(Y - eps * v)) / (2 * eps)
             np.testing.assert_allclose(float(jnp.sum(grad * v)), float(fd), rtol=1e-4, atol=1e-6)
+
+
+def test_split_groups_give_the_same_update():
+    """Groups larger than `max_group_frames` allows are deconvolved in parts: the same result (members of a group do
+    not overlap, so they do not interact within a sweep)."""
+    from jaxcnmf.temporal import split_groups
+
+    m = tiny_movie(seed=3, p=1, T=400)
+    K = m["A"].shape[1]
+    groups = color_components(m["A"])
+    split = split_groups(groups, K, 1)
+    assert split.shape[1] == 1 and sorted(split[split < K].tolist()) == sorted(groups[groups < K].tolist())
+    Y = jnp.asarray(m["Y"], jnp.float32)
+    args = (Y, m["A"], m["C"] * 0.9, m["b"], m["f"])
+    whole = update_temporal(*args, p=1, n_sweeps=2)
+    parts = update_temporal(*args, p=1, n_sweeps=2, max_group_frames=400)  # one member per deconvolution
+    for name in ("C", "S", "YrA", "g", "f", "lam"):
+        np.testing.assert_allclose(np.asarray(getattr(parts, name)), np.asarray(getattr(whole, name)), rtol=1e-4,
+                                   atol=1e-4 * float(np.abs(np.asarray(getattr(whole, name))).max()), err_msg=name)
