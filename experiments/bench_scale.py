@@ -186,8 +186,9 @@ def out_of_core(args):
 
 def scaling(args):
     """Time of `fit_patches` vs frames (T/4, T/2, T at `--scale-side` pixels square) and vs pixels (sides S/2, 3S/4,
-    S at T/2 frames); each timed on a second run of the same movie, so compilation is mostly left out (a run whose
-    patches find a new number of components still compiles for it)."""
+    S, or `--scale-sides`, at T/2 frames); each timed on a second run of the same movie, so compilation is left out.
+    Fields only a few patches wide cost more than their area (the last row and column of patches overlap more), so
+    the pixels sweep means most with sides several patches wide."""
     from jaxcnmf.patches import fit_patches
 
     kw = dict(fps=30.0, patch_size=args.patch, overlap=args.overlap)
@@ -200,15 +201,16 @@ def scaling(args):
     side = args.scale_side
     frames = [args.frames // 4, args.frames // 2, args.frames]
     times_t = [timed(side, T, 3) for T in frames]
-    sizes = [side // 2, (3 * side) // 4, side]
+    sizes = [int(x) for x in args.scale_sides.split(",")] if args.scale_sides else [side // 2, (3 * side) // 4, side]
     times_p = [timed(s, frames[1], 4) for s in sizes]
     et, ep = _slope(frames, times_t), _slope(np.square(sizes), times_p)
     res = (f"frames {frames} at {side}x{side}: {', '.join(f'{t:.1f}' for t in times_t)} s, exponent {et:.2f}; "
            f"pixels {[f'{s}x{s}' for s in sizes]} at {frames[1]} frames: {', '.join(f'{t:.1f}' for t in times_p)} s, "
            f"exponent {ep:.2f} (second runs; patches {args.patch}+{args.overlap})")
+    sides = f" --scale-sides {args.scale_sides}" if args.scale_sides else ""
     _row("scale: fit_patches time vs frames and pixels", res,
-         f"python experiments/bench_scale.py --sections scaling --frames {args.frames} --scale-side {side}",
-         args.append)
+         f"python experiments/bench_scale.py --sections scaling --frames {args.frames} --scale-side {side}{sides} "
+         f"--patch {args.patch} --overlap {args.overlap}", args.append)
 
 
 _DEV_CHILD = """
@@ -289,6 +291,8 @@ def main(argv=None):
     ap.add_argument("--memory-budget", default="2GB")
     ap.add_argument("--scale-side", type=int, default=48,
                     help="largest field side of the scaling runs (devices and dask: twice it)")
+    ap.add_argument("--scale-sides", default=None,
+                    help="scaling: field sides for the pixels sweep, e.g. 128,192,256 (default S/2, 3S/4, S)")
     ap.add_argument("--radius", type=float, default=4.0)
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--overlap", type=int, default=16)
