@@ -225,16 +225,18 @@ def center_of_mass(A: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     **Arguments:**
 
-    - `A`: `(d, K)` non-negative footprints, row-major pixels; `shape`: `(H, W)`.
+    - `A`: `(d, K)` non-negative footprints, row-major pixels, dense or `scipy.sparse`; `shape`: `(H, W)`.
 
     **Returns:** `(K, 2)` float array (NaN for an all-zero footprint).
     """
+    import scipy.sparse
+
     H, W = shape
-    A = np.asarray(A, np.float64)
+    A = scipy.sparse.csc_matrix(A, dtype=np.float64) if scipy.sparse.issparse(A) else np.asarray(A, np.float64)
     rows, cols = np.divmod(np.arange(H * W), W)
-    mass = A.sum(axis=0)
+    mass = np.asarray(A.sum(axis=0)).ravel()
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.stack([rows @ A / mass, cols @ A / mass], axis=1)
+        return np.stack([A.T @ rows / mass, A.T @ cols / mass], axis=1)
 
 
 def empty_result(shape: tuple[int, int, int], prm: Params, sn: np.ndarray | None = None,

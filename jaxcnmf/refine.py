@@ -138,16 +138,6 @@ def cleanup_sparse(A, shape: tuple[int, int], *, connected: bool = True) -> tupl
     return _from_crops(crops, shape, K), norms
 
 
-def sparse_center_of_mass(A, shape: tuple[int, int]) -> np.ndarray:
-    """`fit.center_of_mass` for a sparse `(d, K)` matrix: `(K, 2)` (row, col), NaN for an empty column."""
-    H, W = shape
-    A = sp.csc_matrix(A, dtype=np.float64)
-    rows, cols = np.divmod(np.arange(H * W), W)
-    mass = np.asarray(A.sum(axis=0)).ravel()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.stack([A.T @ rows / mass, A.T @ cols / mass], axis=1)
-
-
 def _norms(A: sp.csc_matrix) -> np.ndarray:
     return np.sqrt(np.asarray(A.multiply(A).sum(axis=0), np.float64).ravel())
 
@@ -157,14 +147,6 @@ def _degenerate(A: sp.csc_matrix, C: np.ndarray) -> np.ndarray:
     from .merge import degenerate_components
 
     return degenerate_components(_norms(A)[None, :], C)
-
-
-def _adjacency(A: sp.csc_matrix) -> np.ndarray:
-    """`temporal.overlap_graph` from a sparse matrix."""
-    S = (A != 0).astype(np.float32)
-    adj = (S.T @ S).toarray() > 0
-    np.fill_diagonal(adj, False)
-    return adj
 
 
 def merge_sparse(A: sp.csc_matrix, C: np.ndarray, groups) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
@@ -198,10 +180,11 @@ def merge_sparse(A: sp.csc_matrix, C: np.ndarray, groups) -> tuple[sp.csc_matrix
 def merge_groups_sparse(A: sp.csc_matrix, C: np.ndarray, thr: float) -> list[list[int]]:
     """`merge.merge_groups` on sparse footprints."""
     from .merge import trace_correlation
+    from .temporal import overlap_graph
 
     if A.shape[1] < 2:
         return []
-    linked = _adjacency(A) & (trace_correlation(C) > thr)
+    linked = overlap_graph(A) & (trace_correlation(C) > thr)
     n, labels = sp.csgraph.connected_components(sp.csr_matrix(linked), directed=False)
     sets = [sorted(np.flatnonzero(labels == i).tolist()) for i in range(n)]
     return sorted(s for s in sets if len(s) > 1)
@@ -309,7 +292,7 @@ def temporal_banded(stream, bands, A: sp.csc_matrix, C, b, f, prm, g=None):
 
     MY = project_banded(stream, bands, A, b)
     Yp, Ap, bp = compress_pixels(MY, A, b)
-    return update_temporal(Yp, Ap, C, bp, f, g=g, p=prm.p, groups=color_components(A, adjacency=_adjacency(A)),
+    return update_temporal(Yp, Ap, C, bp, f, g=g, p=prm.p, groups=color_components(A),
                            n_sweeps=prm.temporal_sweeps, lam=prm.lam, s_min=prm.s_min)
 
 
@@ -395,7 +378,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
 
     **Returns:** the whole-field `Result` (same layout and ordering as `fit`'s).
     """
-    from .fit import empty_result
+    from .fit import _take_temporal, empty_result
     from .patches import _FIT_BASE, Streamer, chunk_frames_for_budget, parse_memory_budget, relieve_memory
 
     T, H, W = source.shape
@@ -444,7 +427,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
         C, f = np.asarray(tr.C), np.asarray(tr.f)
         keep = np.flatnonzero(~_degenerate(A, C))
         A, C = A[:, keep], C[keep]
-        tr = _take(tr, keep)
+        tr = _take_temporal(tr, keep)
         note(f"refine {it + 1}/{n_iter}: temporal update, {A.shape[1]} components")
         if it < n_iter - 1 and prm.merge_thr < 1 and A.shape[1] > 1:
             groups = merge_groups_sparse(A, C, prm.merge_thr)
@@ -458,14 +441,10 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
     return _assemble(A, tr, b, f, sn_img, q, prm, (H, W))
 
 
-def _take(tr, keep):
-    return type(tr)(C=tr.C[keep], S=tr.S[keep], YrA=tr.YrA[keep], g=tr.g[keep], baseline=tr.baseline[keep],
-                    c1=tr.c1[keep], lam=tr.lam[keep], f=tr.f, sn=tr.sn[keep])
-
-
 def _assemble(A: sp.csc_matrix, tr, b, f, sn, q, prm, shape):
     """The `Result` in `fit`'s layout (accepted first, then by decreasing SNR); dense footprints made only here."""
     from ._version import __version__
+    from .fit import center_of_mass
     from .result import Result
 
     H, W = shape
@@ -481,5 +460,5 @@ def _assemble(A: sp.csc_matrix, tr, b, f, sn, q, prm, shape):
         A=dense.reshape(-1, H, W), C=per(tr.C), S=per(tr.S), b=np.asarray(b).T.reshape(-1, H, W),
         f=np.asarray(f), sn=np.asarray(sn, np.float32), g=per(tr.g), YrA=per(tr.YrA), baseline=per(tr.baseline),
         c1=per(tr.c1), lam=per(tr.lam), snr=snr[order], r_value=r_value[order], accepted=accepted[order],
-        centers=sparse_center_of_mass(A, (H, W)).astype(np.float32), params=prm.to_dict(), version=__version__,
+        centers=center_of_mass(A, (H, W)).astype(np.float32), params=prm.to_dict(), version=__version__,
     )

@@ -54,12 +54,18 @@ def overlap_graph(A: np.ndarray) -> np.ndarray:
 
     **Arguments:**
 
-    - `A`: `(d, K)` footprints (numpy or jax array with concrete values).
+    - `A`: `(d, K)` footprints (numpy or jax array with concrete values, or a `scipy.sparse` matrix).
 
     **Returns:** `(K, K)` bool adjacency matrix with a False diagonal.
     """
-    support = (np.asarray(A) > 0).astype(np.float32)
-    adj = (support.T @ support) > 0
+    import scipy.sparse
+
+    if scipy.sparse.issparse(A):
+        support = scipy.sparse.csc_matrix(A > 0, dtype=np.float32)
+        adj = (support.T @ support).toarray() > 0
+    else:
+        support = (np.asarray(A) > 0).astype(np.float32)
+        adj = (support.T @ support) > 0
     np.fill_diagonal(adj, False)
     return adj
 

@@ -16,7 +16,6 @@ from jaxcnmf.refine import (
     noise_banded,
     project_banded,
     quality_banded,
-    sparse_center_of_mass,
     sparse_search_areas,
     spatial_banded,
     temporal_banded,
@@ -89,7 +88,7 @@ def test_sparse_cleanup_and_centres_equal_dense(problem):
     assert sparse.toarray()[0, 2] == 0 and n_sparse[4] == 0
     np.testing.assert_allclose(sparse.toarray(), np.asarray(dense), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(n_sparse, np.asarray(n_dense), rtol=1e-6)
-    np.testing.assert_allclose(sparse_center_of_mass(sparse, (H, W)), center_of_mass(np.asarray(dense), (H, W)),
+    np.testing.assert_allclose(center_of_mass(sparse, (H, W)), center_of_mass(np.asarray(dense), (H, W)),
                                rtol=1e-6)
 
 
@@ -179,3 +178,12 @@ def test_long_movie_patch_fits_on_bins_and_result_at_full_rate():
     s_b, s_f = score_result(binned, truth), score_result(full, truth)
     assert s_b["f1"] >= s_f["f1"] - 0.01 and s_b["f1"] >= 0.9
     assert s_b["calcium_corr_median"] >= s_f["calcium_corr_median"] - 0.01
+
+
+def test_overlap_graph_of_sparse_footprints_equals_dense(problem):
+    from jaxcnmf.temporal import overlap_graph
+
+    A = problem[1]
+    dense = overlap_graph(A)
+    assert dense[0, 1] and not dense.all()  # the first two blobs overlap, not every pair does
+    np.testing.assert_array_equal(overlap_graph(sp.csc_matrix(A)), dense)
