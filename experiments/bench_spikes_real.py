@@ -22,8 +22,14 @@ Protocols (each applied identically to both tools):
 - `detrend`: as `own` on traces minus a slow baseline (Gaussian smoothing over 0.1 s, then a running minimum and a
   running maximum over 30 s: a max-min envelope that follows slow drift but not transients).
 
+OASIS's spikes under `own`, `band`, `freeb` and `detrend` depend only on the traces, so they are cached on disk
+(`experiments/out/oasis_cache/`, one file per data set, AR order, protocol and s_min, keyed by a hash of the traces
+and the oasis-deconv version; `--no-cache` recomputes them). With the cache, a full run is the jaxcnmf part only.
+
 Run from the repository root: `python experiments/bench_spikes_real.py [--sets DS01,spikefinder4] [--p 1,2]
-[--protocols own,band,shared] [--no-record]`. Appends rows to experiments/RESULTS.md.
+[--protocols own,band,shared] [--no-cache] [--no-record]`. `--sets` takes substrings of the names (DS01-OGB1-m-V1,
+DS09-GCaMP6f-m-V1, DS14-GCaMP6s-m-V1, DS21-jGECO1a-m-V1, DS29-GCaMP7f-m-V1, spikefinder4-OGB-1,
+spikefinder5-GCaMP6s, spikefinder6-GCaMP5k). Appends rows to experiments/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
+import os
 import sys
 import time
 import warnings
@@ -44,6 +52,8 @@ from _realdata import Recording, all_sets, bin_width, spike_correlation  # noqa:
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MACHINE = "2-core CPU (this dev box), no GPU"
+CACHE = Path(__file__).resolve().parent / "out" / "oasis_cache"
+CACHED_PROTOCOLS = ("own", "band", "freeb", "detrend")  # OASIS's result depends on the traces only
 
 
 def effective_band(y: np.ndarray, floor: float = 1e-4) -> tuple[float, float]:
@@ -101,16 +111,45 @@ def kinetics_ours(recs, p: int, protocol: str):
 
 
 def run_ours(recs, p: int, protocol: str, s_min: float = 0.0):
+    """jaxcnmf's spikes per trace, the seconds taken, and its (sn, g). Under `own`, `freeb` and `detrend`,
+    `deconvolve_batch` estimates sn and g itself (the library's default rule, `deconv._estimate`)."""
     from jaxcnmf.deconv import deconvolve_batch
 
     Y, lengths = padded(recs)
-    sn, g = kinetics_ours(recs, p, "own" if protocol == "freeb" else protocol)
     baseline = True if protocol == "freeb" else "nonneg"
     t0 = time.perf_counter()
-    res = deconvolve_batch(Y, g, sn, length=lengths, p=p, s_min=s_min, baseline=baseline)
+    if protocol in ("band", "shared"):
+        sn, g = kinetics_ours(recs, p, protocol)
+        res = deconvolve_batch(Y, g, sn, length=lengths, p=p, s_min=s_min, baseline=baseline)
+    else:
+        res = deconvolve_batch(Y, length=lengths, p=p, s_min=s_min, baseline=baseline)
     S = np.asarray(res.s)
     seconds = time.perf_counter() - t0
-    return [S[i, : r.y.size] for i, r in enumerate(recs)], seconds, (sn, g)
+    return [S[i, : r.y.size] for i, r in enumerate(recs)], seconds, (np.asarray(res.sn), np.asarray(res.g))
+
+
+def _cache_file(name: str, recs, p: int, protocol: str, s_min: float) -> Path:
+    from importlib.metadata import version
+
+    h = hashlib.sha1(version("oasis-deconv").encode())
+    for r in recs:
+        h.update(np.ascontiguousarray(r.y, np.float64).tobytes())
+    return CACHE / f"{name}_p{p}_{protocol}_smin{s_min:g}_{h.hexdigest()[:12]}.npz"
+
+
+def run_oasis_cached(name: str, recs, p: int, protocol: str, s_min: float = 0.0, use_cache: bool = True):
+    """`run_oasis` for the protocols whose OASIS result depends on the traces only, read from / written to the
+    cache; the seconds are those of the run that filled the cache."""
+    path = _cache_file(name, recs, p, protocol, s_min)
+    if use_cache and path.exists():
+        with np.load(path) as z:
+            return [z[f"s{i}"] for i in range(len(recs))], float(z["seconds"])
+    S, seconds = run_oasis(recs, p, protocol, None, s_min)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, seconds=seconds, **{f"s{i}": s for i, s in enumerate(S)})
+    os.replace(tmp, path)
+    return S, seconds
 
 
 def run_oasis(recs, p: int, protocol: str, shared=None, s_min: float = 0.0):
@@ -157,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocols", default="own,band,shared,freeb,detrend",
                     help="subset of own,band,shared,freeb,detrend")
     ap.add_argument("--s-min", type=float, default=0.0, help="minimum spike size for both tools (default 0)")
+    ap.add_argument("--no-cache", action="store_true", help="recompute OASIS's results instead of reading the cache")
+    ap.add_argument("--note", default="", help="free text added to the machine column of RESULTS.md")
     ap.add_argument("--no-record", action="store_true", help="do not append to experiments/RESULTS.md")
     args = ap.parse_args(argv)
     orders = [int(v) for v in args.p.split(",")]
@@ -180,7 +221,7 @@ def main(argv=None) -> int:
                 if protocol == "freeb":
                     S_j, t_ours, _ = run_ours(recs, p, "freeb", args.s_min)
                     r_ours = median_corr(recs, S_j)
-                    S_o, t_o = run_oasis(recs, p, "freeb", None, args.s_min)
+                    S_o, t_o = run_oasis_cached(name, recs, p, "freeb", args.s_min, not args.no_cache)
                 elif protocol == "shared":
                     if shared is None:
                         S_j, t_ours, shared = run_ours(recs, p, "band", args.s_min)
@@ -193,13 +234,13 @@ def main(argv=None) -> int:
                     if protocol == "band":
                         shared = kin
                     r_ours = median_corr(recs, S_j)
-                    S_o, t_o = run_oasis(recs, p, protocol, None, args.s_min)
+                    S_o, t_o = run_oasis_cached(name, recs, p, protocol, args.s_min, not args.no_cache)
                 r_oasis = median_corr(recs, S_o)
                 rows.append((name, len(recs), fps, width, p, protocol, r_ours, r_oasis, t_ours, t_o))
                 print(f"{name:24s} {len(recs):3d} {fps:6.1f} {width:6.0f} {p:2d} {protocol:>8s} {r_ours:8.3f} "
                       f"{r_oasis:8.3f} {r_ours - r_oasis:+10.3f} {t_ours:8.2f} {t_o:9.2f}", flush=True)
     if not args.no_record:
-        record(rows, argv, args.s_min)
+        record(rows, argv, args.s_min, args.note)
     return 0
 
 
@@ -210,7 +251,15 @@ def rows_lookup(rows, name, p, protocol) -> float:
     return float("nan")
 
 
-def record(rows, argv, s_min: float) -> None:
+def load_note() -> str:
+    """The 1-minute load average (the dev box's 2 cores are shared: timings are noisy when it is above ~1)."""
+    try:
+        return f"load avg {os.getloadavg()[0]:.1f}"
+    except OSError:
+        return ""
+
+
+def record(rows, argv, s_min: float, note: str = "") -> None:
     """Append one RESULTS.md row per (data set, p): median correlations of both tools under each protocol."""
     if not RESULTS.exists():
         RESULTS.write_text("| date | benchmark | machine | result | command |\n|---|---|---|---|---|\n")
@@ -219,12 +268,13 @@ def record(rows, argv, s_min: float) -> None:
     by_key: dict = {}
     for name, n, fps, width, p, protocol, r_ours, r_oasis, _, _ in rows:
         by_key.setdefault((name, n, fps, width, p), []).append((protocol, r_ours, r_oasis))
+    machine = "; ".join(v for v in (MACHINE, load_note(), note) if v)
     lines = []
     for (name, n, fps, width, p), items in by_key.items():
         parts = "; ".join(f"{proto}: jaxcnmf {a:.3f} vs OASIS {b:.3f} ({a - b:+.3f})" for proto, a, b in items)
         extra = f", s_min {s_min:g}" if s_min else ""
         lines.append(f"| {date} | spike inference {name} (n={n}, {fps:.0f} Hz, {width:.0f} ms bins, AR({p}){extra}), "
-                     f"median corr. with true spikes | {MACHINE} | {parts} | `{cmd.strip()}` |\n")
+                     f"median corr. with true spikes | {machine} | {parts} | `{cmd.strip()}` |\n")
     with open(RESULTS, "a") as fh:
         fh.writelines(lines)
     print(f"appended {len(lines)} rows to {RESULTS}")
