@@ -4,7 +4,10 @@ First step of the temporal side: `sn` (per pixel, per trace) and `g` feed deconv
 
 The noise standard deviation comes from the one-sided periodogram P(f) = (2/T)|FFT(y - mean y)(f)|^2 averaged over the
 upper frequencies, where calcium transients have almost no power (for white noise of variance s^2, E[P] = 2 s^2, so
-sn = sqrt(avg P / 2)). The AR coefficients come from the autocovariance with the white-noise term removed at lag 0, a
+sn = sqrt(avg P / 2)). Traces that were resampled or low-pass filtered hold no noise above some cut-off f_c < 0.5
+(their spectrum falls by orders of magnitude there, which calcium plus white noise cannot do): `noise_cutoff` finds
+f_c from a tapered spectrum, and `freq_range="auto"` then averages over [f_c/2, f_c] and reports the standard
+deviation of the band-limited noise that is in the trace. The AR coefficients come from the autocovariance with the white-noise term removed at lag 0, a
 least-squares Yule-Walker fit over a few extra lags, and a guard that makes the kernel stable, decaying and
 non-oscillating. CaImAn users: `estimate_noise` replaces `noise_range`/`noise_method` (`freq_range`, `method`),
 `estimate_ar` replaces `estimate_time_constant` (`p`, `lags`), and `tau_to_ar`/`ar_to_tau` replace the conversions
@@ -121,6 +124,108 @@ def _finish_noise(stat: jax.Array, method: str) -> jax.Array:
     return jnp.sqrt(avg / 2.0)
 
 
+def _masked_statistic(P: jax.Array, keep: jax.Array, method: str) -> jax.Array:
+    """`_band_statistic` over the bins where `keep` (broadcast against P) is True: the band may differ per trace."""
+    keep = jnp.broadcast_to(keep, P.shape)
+    count = jnp.sum(keep, axis=-1)
+    if method == "mean":
+        return jnp.sum(jnp.where(keep, P, 0), axis=-1) / count
+    if method == "median":
+        return jnp.nanmedian(jnp.where(keep, P, jnp.nan), axis=-1) / math.log(2.0)
+    return jnp.sum(jnp.where(keep, jnp.log(jnp.where(keep, P, 1)), 0), axis=-1) / count
+
+
+CUTOFF_DEAD = 3.0
+"""Decades by which the spectrum must fall below its level over the octave below for `noise_cutoff` to call the
+frequencies above empty (resampled / low-pass filtered data; calcium plus white noise falls at most ~1.2 decades per
+octave, an AR(2) kernel's 1/f^4)."""
+CUTOFF_EDGE = 1.0
+"""Decades of fall (against the octave below) that place the cut-off's edge, once a cut-off has been detected."""
+
+
+def _cutoff_bands(T: int) -> tuple[int, int]:
+    """(number of bands, bins per band) that `noise_cutoff` averages the spectrum of a T-frame trace into: bins
+    1 .. nb w, at least 8 bins per band and at most 256 bands (the cut-off placed to ~1/512 of the sampling rate)."""
+    bins = T // 2
+    nb = int(min(256, bins // 8))
+    return nb, (bins // nb if nb else 0)
+
+
+def _octave_below(nb: int) -> np.ndarray:
+    """(nb, nb) mask: row j marks the bands i >= 1 with j // 2 <= i < j (the octave below band j)."""
+    j = np.arange(nb)[:, None]
+    i = np.arange(nb)[None, :]
+    return (i >= np.maximum(1, j // 2)) & (i < j)
+
+
+def _cutoff(y: jax.Array, length) -> jax.Array:
+    """`noise_cutoff` along the last axis (jit-able; the band layout depends on the shape only)."""
+    T = y.shape[-1]
+    nb, w = _cutoff_bands(T)
+    if nb < 4:
+        return jnp.full(y.shape[:-1], 0.5, y.dtype)
+    yc, n = _masked_centred(y, length)
+    t = jnp.arange(T, dtype=y.dtype)
+    window = jnp.where(t < n[..., None], jnp.sin(jnp.pi * (t + 0.5) / n[..., None]) ** 2, 0)  # Hann over the data
+    P = jnp.abs(jnp.fft.rfft(yc * window, axis=-1)[..., 1 : 1 + nb * w]) ** 2
+    level = jnp.mean(P.reshape(*P.shape[:-1], nb, w), axis=-1)
+    tiny = jnp.finfo(y.dtype).tiny
+    L = jnp.log10(level + tiny) - jnp.log10(jnp.max(level, axis=-1, keepdims=True) + tiny)
+    M = _octave_below(nb)
+    ref = jnp.nanmedian(jnp.where(M, L[..., None, :], jnp.nan), axis=-1)  # NaN for bands 0 and 1 (no octave)
+    drop = jnp.where(jnp.asarray(M.any(axis=1)), ref - L, 0.0)
+    j = jnp.arange(nb)
+    first_dead = jnp.min(jnp.where(drop > CUTOFF_DEAD, j, nb), axis=-1)
+    # the edge: the first band of the run of falling bands that reaches the first dead band
+    last_level = jnp.max(jnp.where((drop <= CUTOFF_EDGE) & (j < first_dead[..., None]), j, 0), axis=-1)
+    edge = (1 + last_level * w) / T  # its lower edge: the band it may share with the cut is left out
+    return jnp.where(first_dead < nb, edge, 0.5).astype(y.dtype)
+
+
+@jax.jit
+def _noise_cutoff(y, length):
+    return _cutoff(y, length)
+
+
+def noise_cutoff(y, *, length=None) -> jax.Array:
+    """Highest frequency that holds noise in each trace: 0.5 (Nyquist) unless the trace was low-pass filtered or resampled.
+
+    White noise has a flat spectrum and calcium's falls at most like an AR(2) kernel's, 1/f^4 (~1.2 decades per
+    octave); a spectrum that drops by more than `CUTOFF_DEAD` (3) decades below its level over the octave below is
+    a filter's stop band (an upsampled trace holds nothing above the old Nyquist rate). The spectrum is the Hann-tapered
+    periodogram (the taper keeps low-frequency power from leaking across the cut) averaged in equal frequency bands;
+    the cut-off is the lower edge of the last band before the run of bands, ending in that drop, that lie more than
+    `CUTOFF_EDGE` (1) decade below their octave (that band may hold the start of the cut, so it is left out). Along the last axis, any batch shape; jit-compiled.
+
+    **Arguments:**
+    - `y`: array (..., T) of traces.
+    - `length`: optional per-trace number of valid frames (the rest is padding), as in `estimate_noise`.
+
+    **Returns:** array of the batch shape: f_c as a fraction of the sampling rate, in (0, 0.5].
+    """
+    y = _to_float(y)
+    if y.ndim == 0:
+        raise ParameterError("noise_cutoff: y is a scalar; expected traces with frames along the last axis.")
+    if length is not None:
+        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), y.shape[:-1])
+    return _noise_cutoff(y, length)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _estimate_noise_auto(y, length, method):
+    """sn of the band-limited noise: the PSD level over [f_c/2, f_c] of each trace, times sqrt(2 f_c)."""
+    fc = _cutoff(y, length)
+    T = y.shape[-1]
+    yc, n = _masked_centred(y, length)
+    k = np.arange(T // 2 + 1)
+    spec = jnp.fft.rfft(yc, axis=-1)
+    P = (2.0 / n[..., None]) * (spec.real**2 + spec.imag**2)
+    f = jnp.asarray(k / T, y.dtype)
+    keep = (f >= fc[..., None] / 2) & (f <= fc[..., None]) & jnp.asarray((k > 0) & (2 * k < T))
+    level = _finish_noise(_masked_statistic(P, keep, method), method)
+    return level * jnp.sqrt(jnp.where(fc >= 0.5, 1.0, 2.0 * fc))
+
+
 @functools.partial(jax.jit, static_argnames=("freq_range", "method"))
 def _estimate_noise(y, length, freq_range, method):
     P = _band_periodogram(y, freq_range, length)
@@ -135,21 +240,33 @@ def estimate_noise(y, *, freq_range=(0.25, 0.5), method: str = "logmexp", length
     is its mean, its median / ln 2, or exp(mean log P + 0.5772) ("logmexp", robust to a few large values), and
     sn = sqrt(average / 2). Non-finite values give a non-finite result; a constant trace gives 0.
 
+    With `freq_range="auto"` the band is chosen per trace from its spectrum: [f_c/2, f_c] with f_c = `noise_cutoff`
+    (0.5 unless the trace was resampled or low-pass filtered, so (0.25, 0.5) for most data), and the result is the
+    standard deviation of the noise as it is in the trace: white up to f_c, so sqrt(average / 2) * sqrt(2 f_c) (its
+    variance is the PSD level times the band f_c it fills). That is the noise that the residual of a fit holds, and
+    what `deconvolve`'s constraint ||y - c - b||^2 <= sn^2 T needs.
+
     **Arguments:**
     - `y`: array (..., T) of traces (integer input is treated as float32; otherwise the input dtype is kept).
-    - `freq_range`: (lo, hi), fractions of the sampling rate, 0 <= lo < hi <= 0.5 (CaImAn's `noise_range`).
+    - `freq_range`: (lo, hi), fractions of the sampling rate, 0 <= lo < hi <= 0.5 (CaImAn's `noise_range`), or
+      "auto" (see above).
     - `method`: "logmexp" (default), "mean" or "median" (CaImAn's `noise_method`).
     - `length`: optional int array broadcastable to the batch shape: only the first `length` frames of each trace are
       data (the rest, e.g. NaN padding, is ignored). Each length must be at least 4.
 
     **Returns:** array of the batch shape (...,) with the noise standard deviations.
     """
-    freq_range = _check_noise_args(freq_range, method)
+    auto = isinstance(freq_range, str) and freq_range == "auto"
+    freq_range = _check_noise_args((0.25, 0.5) if auto else freq_range, method)
     y = _to_float(y)
     if y.ndim == 0:
         raise ParameterError("estimate_noise: y is a scalar; expected traces with frames along the last axis.")
     if length is not None:
         length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), y.shape[:-1])
+    if auto:
+        if y.shape[-1] < 4:
+            raise ParameterError(f"estimate_noise: a trace of {y.shape[-1]} frames is too short; need at least 4.")
+        return _estimate_noise_auto(y, length, method)
     return _estimate_noise(y, length, freq_range, method)
 
 
@@ -275,20 +392,29 @@ def _autocovariance(y: jax.Array, max_lag: int, length=None) -> jax.Array:
     return jnp.stack(r, axis=-1) / n[..., None]
 
 
-def _yule_walker_lstsq(r: jax.Array, sn2: jax.Array, n: jax.Array, p: int) -> jax.Array:
-    """Least-squares solution of r(k) = sum_j g_j r_c(|k-j|), k = 1..m, with r_c(0) = max(r(0) - sn^2, 0) (one trace).
+def _noise_autocovariance(sn2: jax.Array, fc: jax.Array, max_lag: int) -> jax.Array:
+    """Autocovariance at lags 0..max_lag of noise of variance sn2 that is white up to the cut-off fc (fraction of the
+    sampling rate): sn2 sinc(2 fc k), i.e. sn2 at lag 0 and exactly 0 elsewhere for white noise (fc = 0.5)."""
+    k = jnp.arange(max_lag + 1, dtype=sn2.dtype)
+    return sn2[..., None] * jnp.where(fc[..., None] >= 0.5, (k == 0).astype(sn2.dtype), jnp.sinc(2 * fc[..., None] * k))
+
+
+def _yule_walker_lstsq(r: jax.Array, rn: jax.Array, sn2: jax.Array, n: jax.Array, p: int) -> jax.Array:
+    """Least-squares solution of r_c(k) = sum_j g_j r_c(|k-j|), k = 1..m, for the calcium's autocovariance
+    r_c = r - rn (the noise's autocovariance removed; r_c(0) kept >= 0) (one trace).
 
     The fit is ridge-regularised with weight m sn^4 / n, the sampling variance that white noise alone puts on m
     autocovariances of an n-frame trace: negligible when the calcium stands out of the noise, it shrinks g towards
     0 when it does not (white noise), where the plain least-squares problem is ill-posed.
     """
     m = r.shape[-1] - 1
-    rc = r.at[0].set(jnp.maximum(r[0] - sn2, 0.0))
+    rc = r - rn
+    rc = rc.at[0].set(jnp.maximum(rc[0], 0.0))
     k = np.arange(1, m + 1)[:, None]
     j = np.arange(1, p + 1)[None, :]
     M = rc[np.abs(k - j)]
     ridge = m * sn2 * sn2 / n + jnp.finfo(r.dtype).tiny
-    return jnp.linalg.solve(M.T @ M + ridge * jnp.eye(p, dtype=r.dtype), M.T @ r[1:])
+    return jnp.linalg.solve(M.T @ M + ridge * jnp.eye(p, dtype=r.dtype), M.T @ rc[1:])
 
 
 def _safe_sqrt(x):
@@ -343,24 +469,35 @@ def guard_ar(g, *, min_root: float = 1e-3, max_root: float = 0.999) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("p", "lags", "min_root", "max_root"))
-def _estimate_ar(y, sn, length, p, lags, min_root, max_root):
+def _estimate_ar(y, sn, fc, length, p, lags, min_root, max_root):
     r = _autocovariance(y, p + lags, length)
     batch = r.shape[:-1]
     n = jnp.broadcast_to(jnp.asarray(y.shape[-1] if length is None else length, y.dtype), batch)
-    solve = jax.vmap(lambda ri, si, ni: _yule_walker_lstsq(ri, si * si, ni, p))
-    g = solve(r.reshape(-1, p + lags + 1), sn.reshape(-1), n.reshape(-1))
+    rn = _noise_autocovariance(sn * sn, fc, p + lags)
+    solve = jax.vmap(lambda ri, rni, si, ni: _yule_walker_lstsq(ri, rni, si * si, ni, p))
+    g = solve(r.reshape(-1, p + lags + 1), rn.reshape(-1, p + lags + 1), sn.reshape(-1), n.reshape(-1))
     return guard_ar(g.reshape(*batch, p), min_root=min_root, max_root=max_root)
 
 
 def estimate_ar(
-    y, p: int = 2, *, sn=None, lags: int = 5, min_root: float = 1e-3, max_root: float = 0.999, length=None
+    y,
+    p: int = 2,
+    *,
+    sn=None,
+    lags: int = 5,
+    min_root: float = 1e-3,
+    max_root: float = 0.999,
+    length=None,
+    noise_cutoff=0.5,
 ) -> jax.Array:
     """AR(p) coefficients of the calcium in noisy traces: Yule-Walker on the noise-corrected autocovariance.
 
     The autocovariance r(k) (k = 0..p+lags) of the mean-removed trace has the white-noise variance only at lag 0, so
     with r_c(0) = r(0) - sn^2 the equations r(k) = sum_j g_j r_c(|k-j|), k = 1..p+lags, are solved in least squares,
     then `guard_ar` makes the kernel stable, decaying and non-oscillating (roots real, in [min_root, max_root]). Along the
-    last axis of `y`, any batch shape; jit-compiled, usable inside `jit`/`vmap`.
+    last axis of `y`, any batch shape; jit-compiled, usable inside `jit`/`vmap`. Noise that is white only up to a
+    cut-off f_c < 0.5 (resampled or filtered traces, see `noise_cutoff`) is correlated over ~1/(2 f_c) frames: its
+    autocovariance sn^2 sinc(2 f_c k) is then removed at every lag, not at lag 0 only.
 
     **Arguments:**
     - `y`: array (..., T) of traces.
@@ -369,6 +506,9 @@ def estimate_ar(
     - `lags`: number of extra lags beyond p in the least-squares fit (CaImAn's `lags`).
     - `min_root`, `max_root`: smallest and largest allowed roots (see `guard_ar`).
     - `length`: optional per-trace number of valid frames (the rest is padding), as in `estimate_noise`.
+    - `noise_cutoff`: the frequency (fraction of the sampling rate, per trace or one value) up to which the noise is
+      white, as `noise_cutoff` returns it; 0.5 (default) is white noise. `sn` is then the standard deviation of that
+      band-limited noise (as `estimate_noise(..., freq_range="auto")` gives it).
 
     **Returns:** array (..., p) of AR coefficients g.
     """
@@ -389,7 +529,8 @@ def estimate_ar(
     if sn is None:
         sn = estimate_noise(y, length=length)
     sn = jnp.broadcast_to(jnp.asarray(sn, y.dtype), y.shape[:-1])
-    return _estimate_ar(y, sn, length, int(p), int(lags), float(min_root), float(max_root))
+    fc = jnp.broadcast_to(jnp.asarray(noise_cutoff, y.dtype), y.shape[:-1])
+    return _estimate_ar(y, sn, fc, length, int(p), int(lags), float(min_root), float(max_root))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -460,6 +601,7 @@ def ar_to_tau(g, fps: float = 1.0) -> tuple[jax.Array, jax.Array]:
 
 __all__ = [
     "estimate_noise",
+    "noise_cutoff",
     "estimate_noise_movie",
     "estimate_ar",
     "guard_ar",

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.signal import lfilter
+from scipy.signal import butter, lfilter, resample, sosfiltfilt
 
 from jaxcnmf.errors import MovieError, ParameterError
 from jaxcnmf.noise import (
@@ -20,6 +20,7 @@ from jaxcnmf.noise import (
     estimate_noise,
     estimate_noise_movie,
     guard_ar,
+    noise_cutoff,
     tau_to_ar,
 )
 
@@ -30,6 +31,12 @@ def calcium(rng, g, n_traces, T, rate=0.05):
     """AR(p) calcium driven by Bernoulli spikes (float64), shape (n_traces, T)."""
     s = (rng.random((n_traces, T)) < rate).astype(float)
     return lfilter([1.0], np.r_[1.0, -np.asarray(g, float)], s, axis=-1)
+
+
+def band_limited_noise(rng, n_traces, T, up, sd):
+    """White noise of std `sd` sampled at 1/up of the rate and FFT-interpolated up: noise that is exactly white up to
+    f_c = 0.5 / up (and empty above), with variance sd^2 and autocovariance sd^2 sinc(k / up)."""
+    return resample(sd * rng.normal(size=(n_traces, T // up)), T, axis=-1)
 
 
 def reference_noise(y, freq_range, method):
@@ -138,6 +145,10 @@ def test_noise_bad_arguments():
         estimate_noise(y, freq_range=(0.4, 0.2))
     with pytest.raises(ParameterError, match="no frequency bin"):
         estimate_noise(np.zeros(2))
+    with pytest.raises(ParameterError, match="freq_range"):
+        estimate_noise(y, freq_range="top")
+    with pytest.raises(ParameterError, match="too short"):
+        estimate_noise(np.zeros(3), freq_range="auto")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,23 +225,103 @@ def test_movie_errors():
         estimate_noise_movie(np.zeros((100, 3, 3)), chunk_frames=4)
 
 
+def test_cutoff_is_nyquist_for_white_noise_and_calcium():
+    rng = np.random.default_rng(20)
+    y = rng.normal(size=(32, 3000)).astype(np.float32)
+    assert np.all(np.asarray(noise_cutoff(y)) == 0.5)
+    g = np.asarray(tau_to_ar(1.0, 0.05, 30.0, p=2), np.float64)  # AR(2): the steepest calcium spectrum, 1/f^4
+    c = calcium(rng, g, 16, 6000, rate=0.05)
+    y = 20 * c / c.std() + 0.1 * rng.normal(size=c.shape)  # SNR 200: the calcium spans decades above the noise
+    assert np.all(np.asarray(noise_cutoff(y)) == 0.5)
+    assert np.all(np.asarray(noise_cutoff(np.ones((2, 500)))) == 0.5)  # constant
+    assert np.all(np.asarray(noise_cutoff(rng.normal(size=(3, 20)))) == 0.5)  # too short to tell
+
+
+@pytest.mark.parametrize("up", [2, 4, 10])
+def test_cutoff_and_auto_noise_of_resampled_noise(up):
+    rng = np.random.default_rng(21)
+    T, sd = 12000, 0.3
+    y = band_limited_noise(rng, 8, T, up, sd)
+    fc = np.asarray(noise_cutoff(y))
+    assert np.all(np.abs(fc - 0.5 / up) <= 2 / 512 + 1e-6)  # placed to ~1/512 of the rate (band width)
+    sn = np.asarray(estimate_noise(y, freq_range="auto", method="mean"))
+    np.testing.assert_allclose(sn, y.std(axis=-1), rtol=0.06)  # the noise as it is in the trace
+    assert np.median(sn) / sd == pytest.approx(1.0, abs=0.04)
+    assert np.all(np.asarray(estimate_noise(y, method="mean")) < 0.05 * sd)  # what the fixed band sees: ~nothing
+    # with slow calcium on top (resampled the same way), the noise is still found
+    g = np.asarray(tau_to_ar(20.0, 2.0, 1.0, p=2), np.float64)  # decay 20, rise 2 frames of the slow rate
+    c = resample(calcium(rng, g, 8, T // up, rate=0.03), T, axis=-1)
+    sn_c = np.asarray(estimate_noise(y + 2 * sd * c / c.std(), freq_range="auto", method="mean"))
+    assert np.median(sn_c) / sd == pytest.approx(1.0, abs=0.08)
+
+
+def test_auto_noise_of_butterworth_filtered_noise():
+    rng = np.random.default_rng(22)
+    y = sosfiltfilt(butter(8, 0.3, output="sos"), rng.normal(size=(8, 8000)), axis=-1)  # cut at 0.15 of the rate
+    fc = np.asarray(noise_cutoff(y))
+    assert np.all((fc > 0.12) & (fc < 0.2))
+    sn = np.asarray(estimate_noise(y, freq_range="auto", method="mean"))
+    np.testing.assert_allclose(sn, y.std(axis=-1), rtol=0.08)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_auto_noise_matches_float64_reference(method):
+    rng = np.random.default_rng(23)
+    with jax.enable_x64(True):
+        for y in (band_limited_noise(rng, 1, 2400, 5, 1.0)[0] + np.linspace(0, 1, 2400), rng.normal(size=2401)):
+            fc = float(noise_cutoff(y))
+            want = reference_noise(y, (fc / 2, fc), method) * math.sqrt(min(1.0, 2 * fc))
+            assert float(estimate_noise(y, freq_range="auto", method=method)) == pytest.approx(want, rel=1e-10)
+    # no cut-off: exactly the fixed (0.25, 0.5) band, with padding too
+    y = rng.normal(size=(6, 1500)).astype(np.float32)
+    n = np.array([1500, 1400, 1000, 900, 700, 600])
+    for m in METHODS:
+        np.testing.assert_allclose(np.asarray(estimate_noise(y, freq_range="auto", method=m, length=n)),
+                                   np.asarray(estimate_noise(y, method=m, length=n)), rtol=1e-6)
+
+
+def test_auto_noise_with_length_and_compiles_once():
+    rng = np.random.default_rng(24)
+    T = 6000
+    y = band_limited_noise(rng, 3, T, 4, 1.0)
+    lengths = np.array([6000, 4000, 3000])
+    padded = y.copy()
+    for i, n in enumerate(lengths):
+        padded[i, n:] = np.nan
+    got = np.asarray(estimate_noise(np.nan_to_num(padded), freq_range="auto", length=lengths))
+    alone = np.array([float(estimate_noise(y[i, :n], freq_range="auto")) for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(got, alone, rtol=0.03)
+    np.testing.assert_allclose(np.asarray(noise_cutoff(np.nan_to_num(padded), length=lengths)), 0.125, atol=2 / 512)
+    from jaxcnmf.noise import _estimate_noise_auto
+
+    before = _estimate_noise_auto._cache_size()
+    for _ in range(3):
+        estimate_noise(rng.normal(size=(4, 777)).astype(np.float32), freq_range="auto")
+    assert _estimate_noise_auto._cache_size() == before + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # estimate_ar and its guard
 
 
-def reference_ar(y, p, sn, lags):
-    """float64 numpy reference of the (unguarded) ridge least-squares Yule-Walker estimate."""
+def reference_ar(y, p, sn, lags, fc=0.5):
+    """float64 numpy reference of the (unguarded) ridge least-squares Yule-Walker estimate; noise white up to fc has
+    the autocovariance sn^2 sin(2 pi fc k) / (2 pi fc k)."""
     y = np.asarray(y, np.float64)
     n = y.size
     yc = y - y.mean()
     m = p + lags
     r = np.array([np.dot(yc[: n - k], yc[k:]) / n for k in range(m + 1)])
-    rc = r.copy()
-    rc[0] = max(r[0] - sn**2, 0.0)
+    k = np.arange(m + 1)
+    rn = sn**2 * np.array([1.0] + [math.sin(2 * math.pi * fc * j) / (2 * math.pi * fc * j) for j in k[1:]])
+    if fc == 0.5:
+        rn[1:] = 0.0
+    rc = r - rn
+    rc[0] = max(rc[0], 0.0)
     M = np.array([[rc[abs(k - j)] for j in range(1, p + 1)] for k in range(1, m + 1)])
     lam = m * sn**4 / n
     A = np.vstack([M, math.sqrt(lam) * np.eye(p)])
-    b = np.r_[r[1:], np.zeros(p)]
+    b = np.r_[rc[1:], np.zeros(p)]
     return np.linalg.lstsq(A, b, rcond=None)[0]
 
 
@@ -241,7 +332,28 @@ def test_ar_matches_float64_reference(p):
     y = calcium(rng, g, 1, 3000)[0] + 0.5 * rng.normal(size=3000)
     with jax.enable_x64(True):
         got = np.asarray(estimate_ar(y, p, sn=0.5, lags=4))
-    np.testing.assert_allclose(got, reference_ar(y, p, 0.5, 4), rtol=1e-9)
+        np.testing.assert_allclose(got, reference_ar(y, p, 0.5, 4), rtol=1e-9)
+        yb = calcium(rng, g, 1, 3000)[0] + band_limited_noise(rng, 1, 3000, 3, 0.5)[0]
+        got = np.asarray(estimate_ar(yb, p, sn=0.5, lags=6, noise_cutoff=1 / 6))
+        want = np.asarray(guard_ar(reference_ar(yb, p, 0.5, 6, fc=1 / 6)))
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("g", [[0.97], [1.75, -0.7625]])
+def test_ar_under_band_limited_noise(g):
+    """Calcium that is exactly AR(g) plus noise of known std white up to 0.1 of the rate (correlated over ~5 frames):
+    removing the noise's whole autocovariance recovers the kernel; removing it at lag 0 only (white-noise model) does
+    not. (The calcium's own spectrum reaches Nyquist here, so the cut-off is given, not detected.)"""
+    rng = np.random.default_rng(25)
+    T, sd = 20000, 1.0
+    c = calcium(rng, g, 8, T, rate=0.02)
+    y = (c + band_limited_noise(rng, 8, T, 5, sd)).astype(np.float32)
+    true_roots = np.asarray(ar_roots(jnp.asarray(g)))
+    banded = np.median(np.asarray(ar_roots(estimate_ar(y, len(g), sn=sd, noise_cutoff=0.1, lags=10))), axis=0)
+    white = np.median(np.asarray(ar_roots(estimate_ar(y, len(g), sn=sd, lags=10))), axis=0)
+    rtol = np.array([0.02, 0.1])[: len(g)]
+    assert np.all(np.abs(banded / true_roots - 1) < rtol)
+    assert np.abs(white[-1] / true_roots[-1] - 1) > 2 * np.abs(banded[-1] / true_roots[-1] - 1)
 
 
 @pytest.mark.parametrize(
