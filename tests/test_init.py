@@ -263,3 +263,24 @@ def test_greedy_finds_the_active_cells_of_a_real_movie():
     m = match_footprints(A, regions)
     assert m.recall >= 0.2, (m.recall, m.n_est)
     assert 40 <= m.n_est <= 300  # stops by itself, well before the safeguard bound (1,030 for this field)
+
+
+def test_ring_median_and_max0_equal_the_jnp_reductions_bit_for_bit():
+    # the greedy round's border median runs on the host (numpy sort) and its peaks take the max over frames by a
+    # scan (both for speed on XLA's CPU backend): the values must stay exactly those of jnp.nanmedian / jnp.max,
+    # with masked entries (windows at the image border), an odd and an even number of used entries, and under vmap
+    from jaxcnmf.init import _max0, ring_median
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((5, 300, 40)), jnp.float32)
+    use = np.ones((5, 40), bool)
+    use[1, :13] = False  # 27 used
+    use[2, 5:25] = False  # 20 used
+    use[3] = False  # none: NaN, like jnp.nanmedian
+    use = jnp.asarray(use)
+    ref = jnp.nanmedian(jnp.where(use[:, None, :], x, jnp.nan), axis=-1)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ring_median)(x, use)), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(ring_median))(x, use)), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(ring_median(x[0], use[0])), np.asarray(ref[0]))
+    for arr in (x, x[:, :, 0]):
+        np.testing.assert_array_equal(np.asarray(jax.jit(_max0)(arr * 2.0)), np.asarray(jnp.max(arr * 2.0, axis=0)))
