@@ -414,7 +414,11 @@ def _yule_walker_lstsq(r: jax.Array, rn: jax.Array, sn2: jax.Array, n: jax.Array
     j = np.arange(1, p + 1)[None, :]
     M = rc[np.abs(k - j)]
     ridge = m * sn2 * sn2 / n + jnp.finfo(r.dtype).tiny
-    return jnp.linalg.solve(M.T @ M + ridge * jnp.eye(p, dtype=r.dtype), M.T @ rc[1:])
+    # the ridge problem as one stacked least-squares system (SVD), not its normal equations: on traces whose
+    # autocovariance is nearly flat over the lags (slow drift, upsampled data) M'M is singular in float32
+    A = jnp.concatenate([M, jnp.sqrt(ridge) * jnp.eye(p, dtype=r.dtype)])
+    b = jnp.concatenate([rc[1:], jnp.zeros(p, r.dtype)])
+    return jnp.linalg.lstsq(A, b)[0]
 
 
 def _safe_sqrt(x):

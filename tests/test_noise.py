@@ -339,6 +339,20 @@ def test_ar_matches_float64_reference(p):
         np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
+def test_ar_float32_matches_float64_on_drifting_slow_traces():
+    """Slow kernels plus a random-walk drift make the autocovariance nearly flat over the lags (M'M nearly singular):
+    the float32 estimate must still be the float64 one (the normal equations in float32 gave NaN or clipped kernels)."""
+    rng = np.random.default_rng(26)
+    T = 20000
+    c = calcium(rng, [1.975, -0.9751], 8, T, rate=0.01)
+    y = c + 0.05 * np.cumsum(rng.normal(size=(8, T)), axis=-1) + 0.05 * rng.normal(size=(8, T))
+    g32 = np.asarray(estimate_ar(y.astype(np.float32), 2, sn=0.05))
+    with jax.enable_x64(True):
+        g64 = np.asarray(estimate_ar(y, 2, sn=0.05))
+    assert np.all(np.isfinite(g32))
+    np.testing.assert_allclose(g32, g64, atol=2e-3)
+
+
 @pytest.mark.parametrize("g", [[0.97], [1.75, -0.7625]])
 def test_ar_under_band_limited_noise(g):
     """Calcium that is exactly AR(g) plus noise of known std white up to 0.1 of the rate (correlated over ~5 frames):
