@@ -35,12 +35,11 @@ def _disk(radius: float) -> np.ndarray:
     return (yy**2 + xx**2 <= radius**2 + 1e-9).astype(np.float32)
 
 
-def _dilate(masks: jax.Array, element: np.ndarray) -> jax.Array:
-    """Binary dilation of a (K, H, W) stack of masks by a 2-D structuring element (a convolution, then > 0)."""
-    K, H, W = masks.shape
-    x = masks.astype(jnp.float32).reshape(K, 1, H, W)
-    k = jnp.asarray(element, jnp.float32)[None, None]
-    return lax.conv_general_dilated(x, k, (1, 1), "SAME").reshape(K, H, W) > 0.5
+def _area_element(radius: float, compact: bool) -> tuple[np.ndarray, int]:
+    """The dilation of `search_areas`: (structuring element, times applied)."""
+    if compact:
+        return _disk(radius) > 0.5, 1
+    return np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool), max(1, int(round(radius / 2)))
 
 
 def search_areas(
@@ -58,6 +57,9 @@ def search_areas(
     search) it is dilated by a disk of `radius` pixels, so a footprint can grow by up to one neuron radius. With
     `compact=False` (dendrites, axons) the dilation follows the shape itself: a 3x3 cross applied
     max(1, round(radius / 2)) times, so thin processes get a thin search band rather than a blob.
+    Host-side (numpy, `scipy.ndimage.binary_dilation`), each component on the crop around its support that the
+    dilation can reach: footprints are local, so this is ~100x less work than dilating whole images (2.5 s -> 0.03 s
+    for 164 components of 256x256).
 
     **Arguments:**
 
@@ -66,7 +68,7 @@ def search_areas(
     - `radius`: neuron radius in pixels (> 0).
     - `threshold`: fraction of each footprint's maximum below which a weight is not part of its support.
     - `compact`: disk dilation (somata) or shape-following dilation (dendrites).
-    - `block`: components processed at a time (memory: the work arrays are (block, H, W)).
+    - `block`: components copied to the host at a time (memory: a (block, d) float array).
 
     **Returns:** bool (d, K); all False for an empty column.
     """
@@ -79,32 +81,23 @@ def search_areas(
     K = A.shape[1]
     if K == 0:
         return jnp.zeros((H * W, 0), bool)
-    kb = min(K, block)
-    out = np.empty((H * W, K), bool)
-    for k0 in range(0, K, kb):  # components are independent: (kb, H, W) work arrays, one compiled shape
-        part = A[:, k0 : k0 + kb]
-        if part.shape[1] < kb:
-            part = jnp.pad(part, ((0, 0), (0, kb - part.shape[1])))  # empty columns: no area
-        area = _areas_block(part, H=H, W=W, radius=float(radius), threshold=float(threshold), compact=bool(compact))
-        out[:, k0 : k0 + kb] = np.asarray(area)[:, : min(kb, K - k0)]
-    return jax.device_put(out)
-
-
-@partial(jax.jit, static_argnames=("H", "W", "radius", "threshold", "compact"))
-def _areas_block(A, *, H, W, radius, threshold, compact):
-    """`search_areas` of the columns of A (d, k)."""
-    K = A.shape[1]
-    Ak = A.T.reshape(K, H, W)
-    peak = jnp.max(Ak, axis=(1, 2), keepdims=True)
-    support = (Ak > threshold * peak) & (peak > 0)
-    if compact:
-        area = _dilate(support, _disk(radius))
-    else:
-        cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.float32)
-        area = support
-        for _ in range(max(1, int(round(radius / 2)))):
-            area = _dilate(area, cross)
-    return area.reshape(K, H * W).T
+    element, n_apply = _area_element(float(radius), bool(compact))
+    margin = (element.shape[0] // 2) * n_apply
+    out = np.zeros((K, H, W), bool)
+    for k0 in range(0, K, block):
+        part = np.asarray(A[:, k0 : k0 + block]).T.reshape(-1, H, W)
+        peak = part.max(axis=(1, 2))
+        level = np.asarray(threshold, part.dtype) * peak  # the rule in A's precision
+        for j, img in enumerate(part):
+            if not peak[j] > 0:
+                continue
+            support = img > level[j]
+            rows, cols = np.flatnonzero(support.any(axis=1)), np.flatnonzero(support.any(axis=0))
+            r0, r1 = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, H)
+            c0, c1 = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, W)
+            out[k0 + j, r0:r1, c0:c1] = ndimage.binary_dilation(support[r0:r1, c0:c1], structure=element,
+                                                                 iterations=n_apply)
+    return jax.device_put(np.ascontiguousarray(out.reshape(K, H * W).T))
 
 
 # ---------------------------------------------------------------------------------------------------------- clean-up

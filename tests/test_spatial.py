@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import minimize, nnls
+from scipy import ndimage
 
 from jaxcnmf.errors import ParameterError
 from jaxcnmf.spatial import _candidates, _solve_all, cleanup_footprints, search_areas, update_spatial
@@ -157,6 +158,33 @@ def test_search_areas_disk_and_shape_following():
     assert thin[10, 2:19].all() and thin[8:13, 5].all() and not thin[7, 5] and not thin[13, 5]
     with pytest.raises(ParameterError):
         search_areas(A[:-1], (h, w), 3.0)
+
+
+def test_search_areas_on_crops_equal_whole_image_dilation():
+    # search_areas dilates each support on a crop around it (speed); the reference dilates the whole image, with
+    # footprints touching every edge of the field and specks far from the blob
+    rng = np.random.default_rng(5)
+    H, W, K = 30, 26, 12
+    yy, xx = np.mgrid[:H, :W]
+    A = np.zeros((H * W, K), np.float32)
+    centres = [(0, 0), (H - 1, W - 1), (0, W - 1), (H - 1, 3), (15, 0)] + [tuple(rng.integers(0, (H, W))) for _ in
+                                                                           range(K - 5)]
+    for k, (r, c) in enumerate(centres):
+        blob = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 5.0) * (1 + 0.3 * rng.random((H, W)))
+        A[:, k] = (blob + 0.5 * (rng.random((H, W)) < 0.02)).ravel()
+    A[:, 6] = 0.0
+    for compact, radius in ((True, 3.0), (True, 2.5), (False, 3.0), (False, 5.0)):
+        if compact:
+            element, n = (yy[:7, :7] - 3) ** 2 + (xx[:7, :7] - 3) ** 2 <= radius**2 + 1e-9, 1
+            element = element[3 - int(radius) : 4 + int(radius), 3 - int(radius) : 4 + int(radius)]
+        else:
+            element, n = ndimage.generate_binary_structure(2, 1), max(1, round(radius / 2))
+        got = np.asarray(search_areas(A, (H, W), radius, compact=compact, block=5)).reshape(H, W, K)
+        for k in range(K):
+            img = A[:, k].reshape(H, W)
+            ref = ndimage.binary_dilation(img > np.float32(0.1) * img.max(), structure=element, iterations=n) \
+                if img.max() > 0 else np.zeros((H, W), bool)
+            np.testing.assert_array_equal(got[..., k], ref, err_msg=f"component {k}, compact={compact}")
 
 
 def test_cleanup_keeps_main_blob_and_normalises():
