@@ -16,6 +16,8 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from jaxtyping import Array, Float
 
+from .temporal import overlap_graph
+
 _EPS = 1e-12
 
 
@@ -71,10 +73,7 @@ def merge_groups(A: np.ndarray, C: np.ndarray, *, thr: float = 0.85) -> list[lis
     K = A.shape[1]
     if K < 2:
         return []
-    support = (A > 0).astype(np.float32)
-    overlap = (support.T @ support) > 0
-    linked = overlap & (trace_correlation(C) > thr)
-    np.fill_diagonal(linked, False)
+    linked = overlap_graph(A) & (trace_correlation(C) > thr)
     n, labels = scipy.sparse.csgraph.connected_components(scipy.sparse.csr_matrix(linked), directed=False)
     sets = [sorted(np.flatnonzero(labels == i).tolist()) for i in range(n)]
     return sorted([s for s in sets if len(s) > 1])
@@ -220,9 +219,7 @@ def mixture_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, thr: f
     out = np.zeros(K, bool)
     if K < 2 or thr >= 1:
         return out
-    support = (A > 0).astype(np.float32)
-    overlap = (support.T @ support) > 0
-    np.fill_diagonal(overlap, False)
+    overlap = overlap_graph(A)
     size = np.linalg.norm(A, axis=0) * np.linalg.norm(C, axis=1)
     for k in np.argsort(size, kind="stable"):
         nbrs = np.flatnonzero(overlap[k] & ~out)
