@@ -299,9 +299,16 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
 
     Raises `ParameterError` (bad parameter, radius that does not fit the field) or `MovieError` (unreadable movie,
     too few frames, non-finite values with `nonfinite="raise"`) before any fitting.
+
+    The first call in a process turns on JAX's persistent compilation cache in `~/.cache/jaxcnmf/xla` (compiled
+    programs are reused by later processes: a later first fit skips most of its compilation); set the environment
+    variable `JAXCNMF_CACHE_DIR` to another folder, or to `""` to turn it off. A cache folder already given to JAX
+    is kept (see `_cache.enable_compilation_cache`).
     """
+    from ._cache import enable_compilation_cache
     from .io import open_movie
 
+    enable_compilation_cache()
     prm = make_params(neuron_radius, fps=fps, K=K, params=params, **overrides)
     source = open_movie(movie, nonfinite=prm.nonfinite, min_frames=1)
     name = source.path or "movie"

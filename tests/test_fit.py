@@ -187,3 +187,28 @@ def test_real_movie_finds_more_labelled_cells():
     m = match_footprints(np.asarray(res.A)[acc], regions)
     assert m.recall >= 0.18, (m.recall, m.precision, m.n_est)
     assert m.precision >= 0.09, (m.recall, m.precision, m.n_est)
+
+
+def test_fit_turns_on_the_persistent_compilation_cache_once_and_respects_opt_outs(tmp_path, monkeypatch):
+    import jax
+
+    from jaxcnmf import _cache
+
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setattr(_cache, "_done", False)
+        monkeypatch.setenv("JAXCNMF_CACHE_DIR", "")  # opted out: JAX is left without a cache
+        assert _cache.enable_compilation_cache() is None and not jax.config.jax_compilation_cache_dir
+        monkeypatch.setattr(_cache, "_done", False)
+        monkeypatch.setenv("JAXCNMF_CACHE_DIR", str(tmp_path / "xla"))
+        with pytest.raises(ParameterError):  # fit turns it on first, before its checks
+            fit(np.zeros((30, 8, 8), np.float32), neuron_radius=-1)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
+        monkeypatch.setattr(_cache, "_done", False)
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # the caller's own folder is kept
+        assert _cache.enable_compilation_cache() == str(tmp_path / "mine")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

@@ -41,27 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk between runs (most of a small fit's time is compilation).
-
-    The folder is `$JAXCNMF_CACHE_DIR`, else `~/.cache/jaxcnmf/xla`; set `JAXCNMF_CACHE_DIR=""` to turn it off.
-    Results do not depend on it: the same programs are compiled, just not twice.
-    """
-    import os
-
-    folder = os.environ.get("JAXCNMF_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jaxcnmf", "xla"))
-    if not folder:
-        return
-    try:
-        import jax
-
-        os.makedirs(folder, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except Exception:  # an unwritable home or an older jax: run without the cache
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..errors import JaxcnmfError
 
@@ -70,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 1
+    from .._cache import enable_compilation_cache
+
     enable_compilation_cache()
     try:
         return int(args.run(args) or 0)
