@@ -255,8 +255,7 @@ def update_temporal(
     A = jnp.asarray(A, dtype)
     b = jnp.asarray(b, dtype)
     Yr = jnp.asarray(Yr, dtype)
-    AbY = jnp.concatenate([A, b], axis=1).T @ Yr  # one pass over the movie
-    AY, bY = AbY[:K], AbY[K:]
+    AY, bY = footprint_products(A, Yr), b.T @ Yr  # one pass over the movie each
     pad = lambda x: None if x is None else jnp.pad(jnp.asarray(x, dtype), [(0, Kp - K)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
     pad2 = lambda x: jnp.pad(x, [(0, Kp - K), (0, Kp - K)])  # noqa: E731
     deconv_kw = dict(lam=lam, s_min=s_min, baseline=baseline, c1=c1)
@@ -268,6 +267,44 @@ def update_temporal(
     )
     return TemporalResult(C=res.C[:K], S=res.S[:K], YrA=res.YrA[:K], g=res.g[:K], baseline=res.baseline[:K],
                           c1=res.c1[:K], lam=res.lam[:K], f=res.f, sn=res.sn[:K])
+
+
+def footprint_products(A: Float[Array, "d K"], Yr: Float[Array, "d T"]) -> Float[Array, "K T"]:
+    """`A' Yr`, from each footprint's non-zero pixels when the footprints are local.
+
+    A footprint covers a few hundred of the field's pixels, so gathering its rows of `Yr` and summing them is
+    ~10x less work than the dense product (0.2 vs 2.4 s for 164 footprints on 256x256x3000, 2 loaded cores). The
+    pixels come from `A`'s concrete values (padded to a few fixed counts, one compiled shape for similar
+    problems); the product is differentiable with respect to `Yr`. Falls back to the dense product when `A` is
+    traced (under `jit`/`grad` with respect to it) or not sparse (more than 1/8 of the pixels in some column).
+
+    **Arguments:** `A` (d, K) footprints; `Yr` (d, T) movie.
+
+    **Returns:** (K, T) `A' Yr` in `Yr`'s dtype (the sum's order differs from the dense product's: equal to
+    float32 rounding).
+    """
+    d, K = A.shape
+    if isinstance(A, jax.core.Tracer) or K == 0:
+        return A.T @ Yr
+    host = np.asarray(A)
+    nz = host != 0
+    counts = nz.sum(axis=0)
+    P = bucket(int(counts.max(initial=1)))
+    if P > d // 8:
+        return jnp.asarray(A).T @ Yr
+    idx = np.zeros((K, P), np.int32)  # padding: pixel 0 with weight 0
+    vals = np.zeros((K, P), host.dtype)
+    comp, rows = np.nonzero(nz.T)  # by component, then pixel
+    slot = np.arange(comp.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    idx[comp, slot] = rows
+    vals[comp, slot] = host[rows, comp]
+    return _gather_products(jnp.asarray(idx), jnp.asarray(vals, Yr.dtype), Yr)
+
+
+@jax.jit
+def _gather_products(idx, vals, Yr):
+    """Row k: sum_p vals[k, p] Yr[idx[k, p]], one footprint at a time (a (P, T) gather each)."""
+    return jax.lax.map(lambda iv: iv[1] @ Yr[iv[0]], (idx, vals))
 
 
 _BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)

@@ -152,3 +152,33 @@ def test_split_groups_give_the_same_update():
     for name in ("C", "S", "YrA", "g", "f", "lam"):
         np.testing.assert_allclose(np.asarray(getattr(parts, name)), np.asarray(getattr(whole, name)), rtol=1e-4,
                                    atol=1e-4 * float(np.abs(np.asarray(getattr(whole, name))).max()), err_msg=name)
+
+
+def test_footprint_products_equal_the_dense_product_and_compile_once_per_bucket():
+    # A'Y from each footprint's pixels (local footprints): equal to the float64 dense product, differentiable with
+    # respect to Y like it, one compiled program for footprints of similar sizes, and the dense fallback for a
+    # footprint covering much of the field
+    from jaxcnmf.temporal import _gather_products, footprint_products
+
+    rng = np.random.default_rng(2)
+    d, K, T = 40 * 40, 6, 50
+    A = np.zeros((d, K), np.float32)
+    for k in range(K):
+        A[rng.choice(d, 20 + 7 * k, replace=False), k] = rng.random(20 + 7 * k)
+    Y = rng.standard_normal((d, T)).astype(np.float32)
+    ref = A.astype(np.float64).T @ Y.astype(np.float64)
+    got = np.asarray(footprint_products(jnp.asarray(A), jnp.asarray(Y)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    n = _gather_products._cache_size()
+    A2 = A.copy()
+    A2[rng.choice(d, 5), 0] = 0.5  # a few more pixels: same padded size, no new compile
+    footprint_products(jnp.asarray(A2), jnp.asarray(Y * 2))
+    assert _gather_products._cache_size() == n
+    loss = lambda fp: lambda Yj: jnp.sum(fp(jnp.asarray(A), Yj) ** 2)  # noqa: E731
+    g_sparse = jax.grad(loss(footprint_products))(jnp.asarray(Y))
+    g_dense = jax.grad(loss(lambda a, y: a.T @ y))(jnp.asarray(Y))
+    np.testing.assert_allclose(np.asarray(g_sparse), np.asarray(g_dense), rtol=1e-4, atol=1e-4)
+    A_wide = A.copy()
+    A_wide[:, 1] = 1.0  # the whole field: the dense product
+    np.testing.assert_allclose(np.asarray(footprint_products(jnp.asarray(A_wide), jnp.asarray(Y))),
+                               A_wide.astype(np.float64).T @ Y, rtol=1e-5, atol=1e-4)
