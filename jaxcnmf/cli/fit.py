@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
                    help="upper bound on the number of components (default: the initialisation stops by itself)")
     p.add_argument("--p", type=int, choices=(1, 2), default=2, help="AR order of the calcium kinetics (default 2)")
     p.add_argument("--nb", type=int, default=1, help="number of background components (default 1)")
-    p.add_argument("--n-iter", type=int, default=None, help="outer iterations (default 3)")
+    p.add_argument("--n-iter", type=int, default=None, help="outer iterations (default 2)")
     p.add_argument("--merge-thr", type=float, default=None, help="trace correlation for merging (default 0.85)")
     p.add_argument("--min-snr", type=float, default=None, help="acceptance: minimum trace SNR (default 2.5)")
     p.add_argument("--rval-thr", type=float, default=None, help="acceptance: minimum spatial correlation (default 0.8)")
