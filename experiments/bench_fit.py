@@ -11,6 +11,10 @@ neuropil, AR(2), peak SNR 4 by default); `real` precision/recall/F1 on ../shared
 figure under experiments/out/; `scale` time and peak resident memory on 3 pixel sizes x 3 frame counts, each measured
 in a fresh subprocess (cold: with compilation; warm: a second fit of the same movie in that process), with the fitted
 exponents of warm time vs pixels and vs frames. Appends one row per part to experiments/RESULTS.md.
+
+`fit` keeps compiled programs in a persistent cache (`JAXCNMF_CACHE_DIR`, default ~/.cache/jaxcnmf/xla), so a
+"cold" first fit compiles only what earlier runs did not leave there; each row says what the cache held. For a
+first-ever run, point it at an empty folder: `JAXCNMF_CACHE_DIR=$(mktemp -d) python experiments/bench_fit.py ...`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,18 @@ def load_note() -> str:
     la = os.getloadavg()[0]
     return f"load avg {la:.1f} at the end (CPU shared with other jobs: timings noisy)" if la > 1.5 else \
         f"load avg {la:.1f}"
+
+
+def cache_note() -> str:
+    """What the persistent XLA compilation cache that `fit` turns on holds before the fit (a first fit in a process
+    compiles only what is not there)."""
+    from jaxcnmf._cache import default_cache_dir
+
+    folder = default_cache_dir()
+    if not folder:
+        return "persistent compilation cache off"
+    n = len(os.listdir(folder)) if os.path.isdir(folder) else 0
+    return f"persistent compilation cache {'empty' if n == 0 else f'holding {n} programs'} before it"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -142,6 +158,7 @@ def part_sim(args) -> dict:
                     f"R {m.recall:.3f}, {m.n_est} cells; all {m_all.n_est} ROIs before its classifier: F1 "
                     f"{m_all.f1:.3f} P {m_all.precision:.3f} R {m_all.recall:.3f}), median corr of F-0.7Fneu with "
                     f"true calcium {corr:.3f}, {t_s2p:.1f} s (run_s2p incl. TIFF->binary)")
+    cache = cache_note()
     t0 = time.perf_counter()
     res = fit(movie, radius, fps=truth.fps, progress=True)
     t_fit = time.perf_counter() - t0
@@ -153,7 +170,7 @@ def part_sim(args) -> dict:
     result = (f"{H}x{H}x{T}, {n} neurons, overlap 0.3, neuropil 0.3, AR(2), peak SNR {args.snr}: jaxcnmf F1 "
               f"{s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}, {s['n_est']} components), median calcium "
               f"corr {s['calcium_corr_median']:.3f}, median spike corr (40 ms) {s['spike_corr_median']:.3f}, fit "
-              f"{t_fit:.1f} s incl. JIT compilation (first fit in this process)")
+              f"{t_fit:.1f} s incl. JIT compilation (first fit in this process; {cache})")
     if s2p is not None:
         row.update({f"s2p_{k}": v for k, v in s2p.items()})
         ratio = t_fit / s2p["seconds"]
@@ -252,6 +269,7 @@ def part_scale(args) -> list[dict]:
     density = 150 / 256**2  # neurons per pixel, as in the accuracy movie
     tools = ["jaxcnmf"] + (["suite2p"] if have_suite2p() and not args.no_suite2p else [])
     grid = [(H, frames[-1]) for H in sizes] + [(sizes[-1], T) for T in frames[:-1]]
+    cache = cache_note()  # the workers' first fits use (and fill) the persistent compilation cache
     rows = []
     for tool in tools:
         for H, T in grid:
@@ -284,6 +302,7 @@ def part_scale(args) -> list[dict]:
                            f"{s[0]['warm_s'] / j[0]['warm_s']:.2f}, cold {s[0]['cold_s'] / j[0]['cold_s']:.2f}")
     else:
         summary.append("suite2p not importable (no comparison)")
+    summary.append(f"cold = first fit in a fresh process ({cache})")
     if not args.no_record:
         append_row("fit time & peak memory vs size (peak RSS includes the in-memory movie)", "; ".join(summary),
                    cmdline(args))
