@@ -206,17 +206,24 @@ def _merge(ker: _Kernel, lower, upper, l_lower):
     return (lower[0], A, B, lower[3], lower[4])
 
 
-def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min):
+def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min, *, elem_t0=None, n_elem=None, steps=None):
     """Pool structure of min 1/2||x - c||^2 s.t. G c >= 0 (spikes after the first >= s_min, else merged).
 
     The two top pools live in the loop carry; the pools below them in five (T,) arrays indexed by stack position
     (separate 1-D arrays: a batched row update of a (T, 5) array is copied whole by XLA on CPU).
 
+    The elements pushed are frames by default. For AR(1) they may instead be the pools of a finer structure
+    (`elem_t0`, `n_elem`, `steps`): element i covers frames elem_t0[i] .. elem_t0[i+1] - 1 (the last up to `length`)
+    and `x[i]` is its sum A = sum_k g^k x_(t0+k). Merging pools of a finer structure gives the exact result whenever
+    that structure refines the solution's (see `_nested_ar1`).
+
     **Arguments:**
-    - `x`: shifted data (zero at padded frames).
+    - `x`: shifted data (zero at padded frames), or the elements' sums.
     - `ker`: kernel tables.
     - `length`: number of valid frames (>= 1).
     - `s_min`: merge threshold on spikes after frame 0 (0 for the convex problem).
+    - `elem_t0`, `n_elem`: the elements' start frames `(T,)` and their number (None: the frames).
+    - `steps`: loop steps (each pushes or merges: twice the number of elements suffices; default 2 T).
 
     **Returns:** `(starts, pinned, pools)`: which frames start a pool, whether the first pool is held at zero
     (c_0 >= 0), and the pools in time order as `(t0, A, n)`: `(T,)` start frames (T past the n-th pool) and sums
@@ -227,6 +234,11 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min):
     zero = jnp.zeros((), dt)
     nfield = 2 if ker.ar1 else 5  # AR(1) pools need only (t0, A)
 
+    if elem_t0 is None:
+        n_elem, first_of = length, lambda i: i
+    else:
+        assert ker.ar1, "pools as elements are for AR(1) only"
+        first_of = lambda i: jnp.where(i < n_elem, elem_t0[jnp.minimum(i, T - 1)], length)
     top1 = (jnp.int32(0), x[0], zero, zero, zero)[:nfield]
     top2 = (jnp.int32(0), zero, zero, zero, zero)[:nfield]
     stack = (jnp.zeros(T, jnp.int32),) + tuple(jnp.zeros(T, dt) for _ in range(nfield - 1))
@@ -240,7 +252,8 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min):
     one_m_g2 = -jnp.expm1(2 * log_g)
 
     def body(state):
-        t, n, top1, top2, stack, pinned, _ = state
+        i, n, top1, top2, stack, pinned, _ = state
+        t = first_of(i)  # first frame of the next element (`length` past the last)
         p1, p2 = full(top1), full(top2)
         l1 = t - p1[0]
         l2 = p1[0] - p2[0]
@@ -256,17 +269,17 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min):
             merged = _merge(ker, p2, p1, l2)
         merge = (n >= 2) & (spike1 < s_min)
         pin = (n == 1) & ~pinned & (v1 < 0)
-        push = ~merge & ~pin & (t < length)
+        push = ~merge & ~pin & (i < n_elem)
         done = ~merge & ~pin & ~push
 
         merged = merged[:nfield]
         k = jnp.maximum(n - 3, 0)
         below = tuple(a[k] for a in stack)
         if ker.ar1:
-            new = (t, x[jnp.minimum(t, T - 1)])
+            new = (t, x[jnp.minimum(i, T - 1)])
         else:
             last, second = _pool_tail(ker, v1, p1[3], l1)
-            new = (t, x[jnp.minimum(t, T - 1)], zero, last, second)
+            new = (t, x[jnp.minimum(i, T - 1)], zero, last, second)
 
         # slot n-2 is free unless we push, when it takes top2. Writing `below` otherwise is harmless, and makes the
         # write depend on the read above, so XLA updates the stack in place instead of copying it every step.
@@ -278,12 +291,13 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min):
         top1_next = tuple(pick(a, b, c) for a, b, c in zip(merged, new, top1))
         top2_next = tuple(pick(a, b, c) for a, b, c in zip(below, top1, top2))
         n = n + push.astype(jnp.int32) - merge.astype(jnp.int32)
-        t = t + push.astype(jnp.int32)
-        return t, n, top1_next, top2_next, stack, pinned | pin, done
+        i = i + push.astype(jnp.int32)
+        return i, n, top1_next, top2_next, stack, pinned | pin, done
 
-    # A fixed number of steps (T - 1 pushes, at most T - 1 merges, one pin) rather than a while loop: under vmap a
-    # while loop with a per-trace condition selects the whole carry (the stack arrays) on every step.
-    t, n, top1, top2, stack, pinned, _ = jax.lax.fori_loop(0, 2 * T, lambda i, st: body(st), state)
+    # A number of steps fixed for the whole batch (n - 1 pushes, at most n - 1 merges, one pin) rather than a while
+    # loop: under vmap a while loop with a per-trace condition selects the whole carry (the stack arrays) every step.
+    steps = 2 * T if steps is None else steps
+    _, n, top1, top2, stack, pinned, _ = jax.lax.fori_loop(0, steps, lambda k, st: body(st), state)
     t0 = stack[0]
     t0 = t0.at[jnp.where(n >= 2, n - 2, T)].set(top2[0], mode="drop")
     t0 = t0.at[n - 1].set(top1[0])
@@ -560,6 +574,27 @@ def _b_lam(update, head, b, lam, b_fix, lam_fix, *, b_free, lam_free: bool, floo
     return jnp.where(low, b_0, b_f), jnp.where(low, lam_0, lam_f)
 
 
+def _pool_sums_ar1(t0, n, a, ker: _Kernel, mask):
+    """For AR(1) pools `(t0, n)` (as `_pav` returns them): which rows are pools, their lengths l, and their sums
+    A_1 = sum_k g^k and A_a = sum_k g^k a_(t0+k) in closed form (a is 1 - g except at the first and last frames).
+
+    **Returns:** `(in_use, l, A1, Aa)`, each `(T,)`.
+    """
+    T = t0.shape[0]
+    i = jnp.arange(T)
+    g = ker.g1
+    lg = jnp.log(g)
+    in_use = i < n
+    L = jnp.sum(mask, dtype=jnp.int32)
+    nxt = jnp.concatenate([t0[1:], jnp.full((1,), T, t0.dtype)])
+    end = jnp.where(i + 1 < n, nxt, L)
+    l = jnp.where(in_use, jnp.clip(end - t0, 1, T), 1)
+    A1 = -jnp.expm1(l * lg) / (1 - g)
+    a_first, a_last = a[0] - (1 - g), a[jnp.maximum(L - 1, 0)] - (1 - g)
+    Aa = (1 - g) * A1 + jnp.where(t0 == 0, a_first, 0) + jnp.where(end == L, a_last * jnp.exp((l - 1) * lg), 0)
+    return in_use, l, A1, Aa
+
+
 def _update_b_lam_pools(y, a, pools, pinned, ker: _Kernel, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free: bool,
                         lam_free: bool):
     """`_update_b_lam` for AR(1) from the pools of `_pav` alone, without applying M frame by frame.
@@ -579,16 +614,7 @@ def _update_b_lam_pools(y, a, pools, pinned, ker: _Kernel, mask, sn, length, b, 
     T = t0.shape[0]
     dt = y.dtype
     i = jnp.arange(T)
-    g = ker.g1
-    lg = jnp.log(g)
-    in_use = i < n
-    L = jnp.sum(mask, dtype=jnp.int32)
-    nxt = jnp.concatenate([t0[1:], jnp.full((1,), T, t0.dtype)])
-    end = jnp.where(i + 1 < n, nxt, L)
-    l = jnp.where(in_use, jnp.clip(end - t0, 1, T), 1)
-    A1 = -jnp.expm1(l * lg) / (1 - g)
-    a_first, a_last = a[0] - (1 - g), a[jnp.maximum(L - 1, 0)] - (1 - g)
-    Aa = (1 - g) * A1 + jnp.where(t0 == 0, a_first, 0) + jnp.where(end == L, a_last * jnp.exp((l - 1) * lg), 0)
+    in_use, l, A1, Aa = _pool_sums_ar1(t0, n, a, ker, mask)
     Ay = Ax + b * A1 + lam * Aa
     w = jnp.where(in_use & ~(pinned & (i == 0)), 1 / ker.H2(l), 0).astype(dt)
     PyP1, P1P1 = jnp.sum(w * Ay * A1), jnp.sum(w * A1 * A1)
@@ -616,6 +642,137 @@ def _update_b_lam_pools(y, a, pools, pinned, ker: _Kernel, mask, sn, length, b, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# AR(1): nested pool structures (the fast exact search for the noise-constrained problem)
+# ----------------------------------------------------------------------------------------------------------------------
+
+LANE_AXIS = "deconv_lanes"  # vmap axis name under which the batch shares loop bounds (`deconvolve_batch` binds it)
+
+
+def _lanes_bound() -> bool:
+    """Whether we are traced under a vmap that binds `LANE_AXIS` (so a bound can be shared by the whole batch)."""
+    try:
+        jax.lax.pmax(jnp.int32(0), LANE_AXIS)
+    except NameError:
+        return False
+    return True
+
+
+def _nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b0, lam0, lam_fix, floor, *, b_free, lam_free: bool,
+                max_iter: int):
+    """AR(1): the noise-constrained solution's structure, searched by merging the pools of the structure at (b0, lam0).
+
+    In the coordinates u_t = c_t / g^t the AR(1) problem at fixed (b, lam) is a weighted isotonic regression of
+    z_t = (y_t - b - lam a_t) / g^t, and raising b or lam subtracts a non-decreasing sequence from z (1/g^t and
+    a_t/g^t are non-decreasing). Subtracting a non-decreasing sequence keeps every block of the isotonic solution
+    unsplittable (a block's prefix means stay above its mean), so the structure at any (b, lam) >= (b0, lam0) is
+    obtained EXACTLY by pool-adjacent-violators run over the pools at (b0, lam0) as elements. One pass over the
+    frames builds those pools; each (b, lam) iteration then costs a pass over the pools only (usually a few hundred),
+    with all lanes of a batch sharing the number of steps (`LANE_AXIS`).
+
+    **Arguments:**
+    - `y_s`, `a_s`, `mask`, `length`: centred data, penalty weights, valid frames and their number.
+    - `ker`: AR(1) kernel; `sn`: noise level; `b0`, `lam0`: where the elements are built (a lower bound of the
+      answer for the result to be exact); `lam_fix`: lam when it is not estimated; `floor`: the lowest b allowed.
+    - `b_free`, `lam_free`, `max_iter`: as in `_solve`.
+
+    **Returns:** `(structure, b, lam, safe)`: the pool starts and pinned flag found at the last (b, lam) evaluated,
+    the (b, lam) update on it, and whether that evaluation point was >= (b0, lam0) (then the structure is exact).
+    """
+    T = y_s.shape[0]
+    dt = y_s.dtype
+    i = jnp.arange(T)
+    zero = jnp.zeros((), dt)
+    length_f = length.astype(dt)
+    _, pinned0, (e_t0, e_A0, n0) = _pav(jnp.where(mask, y_s - b0 - lam0 * a_s, 0), ker, length, 0.0)
+    _, _, A1, Aa = _pool_sums_ar1(e_t0, n0, a_s, ker, mask)
+    steps = 2 * jax.lax.pmax(n0, LANE_AXIS)
+
+    def update(pools, pinned, b, lam):
+        head = (y_s, a_s, pools, pinned, ker, mask, sn, length_f)
+        return _b_lam(_update_b_lam_pools, head, b, lam, zero, lam_fix, b_free=b_free, lam_free=lam_free,
+                      floor=floor)
+
+    def body(state):
+        b, lam, t0_prev, pinned_prev, it, _, _, _ = state
+        eA = jnp.where(i < n0, e_A0 - (b - b0) * A1 - (lam - lam0) * Aa, 0)
+        _, pinned, pools = _pav(eA, ker, length, 0.0, elem_t0=e_t0, n_elem=n0, steps=steps)
+        same = jnp.all(pools[0] == t0_prev) & (pinned == pinned_prev)
+        b_new, lam_new = update(pools, pinned, b, lam)
+        tol = 1e-6 if dt == jnp.float64 else 1e-5
+        fixed = (jnp.abs(lam_new - lam) <= tol * jnp.abs(lam)) & (jnp.abs(b_new - b) <= tol * (jnp.abs(b) + sn))
+        return b_new, lam_new, pools[0], pinned, it + 1, same | fixed, b, lam
+
+    def cond(state):
+        return ~state[5] & (state[4] < max_iter)
+
+    b1, lam1 = update((e_t0, e_A0, n0), pinned0, b0, lam0)
+    init = (b1, lam1, e_t0, pinned0, jnp.int32(0), jnp.bool_(False), b0, lam0)
+    b, lam, t0, pinned, _, _, b_at, lam_at = jax.lax.while_loop(cond, body, init)
+    starts = jnp.zeros(T, bool).at[t0].set(True, mode="drop")
+    safe = (b_at >= b0) & (lam_at >= lam0)
+    return (starts, pinned), b, lam, safe
+
+
+_ROUNDS = 3  # starting points tried by `_search_nested_ar1` before it falls back to frame-level alternation
+
+
+def _search_nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b_start, lam_init, lam_fix, long, alternate, *,
+                       b_free, lam_free: bool, c1_free: bool, max_iter: int):
+    """AR(1) structure of the noise-constrained solution by `_nested_ar1`, from a starting point below the answer.
+
+    The start (b0, lam0) comes from the first `_PREFIX` frames on long traces (their own nested search from the
+    lowest point) lowered by a margin: 0.5 lam and b - sn. A lane whose answer ends below its start is searched again
+    from a lower point (lam0 / 4 and b0 - 4 sn, then lam0 = 0 and the floor), and after `_ROUNDS` starts by the
+    frame-level alternation, which certifies its answer as a fixed point; under vmap a round costs the batch one pass
+    over the frames only when some lane needs it.
+
+    **Arguments:** as `_nested_ar1` (`b_start`: the baseline guess the data were centred on; `lam_init`: the first
+    lam), plus `long` (use the prefix), `alternate` (the frame-level search of `_solve`) and the static options.
+
+    **Returns:** the structure `(starts, pinned)`.
+    """
+    T = y_s.shape[0]
+    dt = y_s.dtype
+    t = jnp.arange(T)
+    zero = jnp.zeros((), dt)
+    floor = -b_start  # b = 0 in absolute terms (b is relative to b_start)
+    nonneg = b_free == "nonneg"
+    clamp = (lambda b: jnp.maximum(b, floor)) if nonneg else (lambda b: b)
+    search = lambda y, a, m, n, b0, lam0: _nested_ar1(y, a, m, n, ker, sn, b0, lam0, lam_fix, floor, b_free=b_free,
+                                                      lam_free=lam_free, max_iter=max_iter)
+    b_pre, lam_pre = clamp(zero), lam_init
+    if long:
+        n0 = jnp.minimum(length, _PREFIX)
+        m0 = mask[:_PREFIX] & (t[:_PREFIX] < n0)
+        a0 = _penalty_weights(jnp.reshape(ker.g1, (1,)), _PREFIX, n0, c1_free)
+        _, b_pre, lam_pre, _ = search(jnp.where(m0, y_s[:_PREFIX], 0), a0, m0, n0, b_pre, lam_init)
+
+    def lowered(b0, lam0, k):
+        """Start of round k (0, 1, ...): b0 - 4^k sn and lam0 / 2 4^k, the last round from lam = 0 and the floor."""
+        last = k >= _ROUNDS - 1
+        b = clamp(b0 - sn * 4.0**k) if b_free else zero
+        if nonneg:
+            b = jnp.where(last, floor, b)
+        lam = jnp.where(last, 0, lam0 * 0.5 / 4.0**k) if lam_free else lam_fix
+        return b, lam
+
+    def body(state):
+        k, b_lo, lam_lo, _, _, _, _ = state
+        b0, lam0 = lowered(b_lo, lam_lo, k)
+        structure, b, lam, safe = search(y_s, a_s, mask, length, b0, lam0)
+        return k + 1, jnp.minimum(b0, b), jnp.minimum(lam0, lam), structure, b, lam, safe
+
+    def cond(state):
+        return ~state[-1] & (state[0] < _ROUNDS)
+
+    none = (jnp.zeros(T, bool), jnp.bool_(False))
+    init = (jnp.int32(0), b_pre, lam_pre * 1.0, none, zero, zero, jnp.bool_(False))
+    _, _, _, structure, b, lam, safe = jax.lax.while_loop(cond, body, init)
+    _, _, structure = alternate(y_s, a_s, mask, length, b, lam, structure, exact=False, skip=safe)
+    return structure
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The whole solve for one trace
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -633,7 +790,8 @@ def _initial_baseline(y, mask, length):
     return jnp.sum(jnp.where(ok, mins, 0)) / jnp.maximum(jnp.sum(ok), 1)
 
 
-def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, lam_free, max_iter, exact2):
+def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, lam_free, max_iter, exact2,
+           convex=True):
     """Deconvolve one trace: search the spike support, then evaluate the (differentiable) solution on it.
 
     **Arguments:**
@@ -641,6 +799,7 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     - `b_free`, `c1_free`, `lam_free`: which quantities are estimated (static); `max_iter`: bound on outer iterations.
     - `exact2`: AR(2) solved exactly (dual active set on the banded system, warm-started from greedy pool merging);
       otherwise pool merging alone (exact for AR(1); the greedy rule for AR(2) with s_min > 0).
+    - `convex`: s_min is 0 (static), which lets AR(1) search over nested pool structures (`_search_nested_ar1`).
 
     **Returns:** a `DeconvResult`.
     """
@@ -672,10 +831,11 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     zero = jnp.zeros((), dt)
     by_pools = ker_s.ar1 and not exact2  # AR(1): (b, lam) from the pools' sums, no frame-by-frame projection
 
-    def alternate(y_s, a_s, mask, length, b, lam, first, exact=exact2, iters=max_iter):
+    def alternate(y_s, a_s, mask, length, b, lam, first, exact=exact2, iters=max_iter, skip=None):
         """Alternate the structure search with the closed-form (b, lam) update until the structure is a fixed point.
 
-        `exact`: search with the dual active set (AR(2)), from the support in `first`; else with pool merging."""
+        `exact`: search with the dual active set (AR(2)), from the support in `first`; else with pool merging.
+        `skip`: lanes already solved (they return `b`, `lam`, `first` as given)."""
         length_f = length.astype(dt)
         q_s = jnp.where(mask & ~((jnp.arange(mask.shape[0]) == 0) & c1_free), 1, 0).astype(dt)
         rhs_fixed = jnp.stack([y_s, mask.astype(dt), a_s], axis=1)
@@ -713,13 +873,17 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
 
         if not (b_free or lam_free):
             return b, lam, search(b, lam, first)[0]
-        init = (b, lam, first, jnp.int32(0), jnp.bool_(False))
+        init = (b, lam, first, jnp.int32(0), jnp.bool_(False) if skip is None else skip)
         b, lam, structure, _, _ = jax.lax.while_loop(outer_cond, outer_body, init)
         return b, lam, structure
 
     b_pre, lam_pre = zero, lam0
     long = lam_free and T >= 4 * _PREFIX and (by_pools or exact2)
-    if long:
+    nested = by_pools and convex and (b_free or lam_free) and _lanes_bound()
+    if nested:
+        structure = _search_nested_ar1(y_s, a_s, mask, length, ker_s, sn_s, b_start, lam0, lam_fix, long, alternate,
+                                       b_free=b_free, lam_free=lam_free, c1_free=c1_free, max_iter=max_iter)
+    elif long:
         # Long traces: (b, lam) from the first _PREFIX frames first (lam is a per-spike threshold and the noise budget
         # a per-frame one, so they carry over), which leaves the full-length search a pass or two from the end.
         n0 = jnp.minimum(length, _PREFIX)
@@ -738,7 +902,8 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     elif exact2:  # short ones: one greedy pass at the first guess is warm start enough (and compiles faster)
         starts, pinned, _ = _pav(jnp.where(mask, y_s - lam0 * a_s, 0), ker_s, length, s_min)
         first = (starts & ~((t == 0) & pinned), jnp.bool_(False))
-    _, _, structure = alternate(y_s, a_s, mask, length, b_pre, lam_pre, first)
+    if not nested:
+        _, _, structure = alternate(y_s, a_s, mask, length, b_pre, lam_pre, first)
     structure = jax.lax.stop_gradient(structure)
     b_guess = jax.lax.stop_gradient(b_start)
 
@@ -815,12 +980,14 @@ def _check_g(g: np.ndarray, name: str) -> None:
 
 
 @eqx.filter_jit
-def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free, lam_free, max_iter, exact2):
+def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free, lam_free, max_iter, exact2, convex):
     _TRACE_COUNT["batch"] += 1
     solve = lambda *args: _solve(
-        *args, b_free=b_free, c1_free=c1_free, lam_free=lam_free, max_iter=max_iter, exact2=exact2
+        *args, b_free=b_free, c1_free=c1_free, lam_free=lam_free, max_iter=max_iter, exact2=exact2, convex=convex
     )
-    return jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, 0, None, 0))(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length)
+    return jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, 0, None, 0), axis_name=LANE_AXIS)(
+        Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length
+    )
 
 
 TRACE_NOISE_METHOD = "mean"  # PSD averaging for traces' sn (see `_estimate`)
@@ -922,7 +1089,7 @@ def deconvolve_batch(
         raise ParameterError("sn: noise levels must be finite and >= 0.")
     rows = (Y, g, sn, np.full(N, b_value, dtype), np.full(N, c1_value, dtype),
             np.full(N, 0.0 if lam is None else lam, dtype), length.astype(np.int32))
-    options = (b_free, c1_free, lam is None, int(max_iter), p == 2 and float(s_min) == 0.0)
+    options = (b_free, c1_free, lam is None, int(max_iter), p == 2 and float(s_min) == 0.0, float(s_min) == 0.0)
 
     def solve(block):
         Yb, gb, snb, bb, c1b, lamb, lb = (jnp.asarray(r) for r in block)
@@ -1002,4 +1169,5 @@ def deconvolve(
         lam_free=lam is None,
         max_iter=int(max_iter),
         exact2=g.shape[0] == 2 and not (isinstance(s_min, (int, float)) and s_min > 0),
+        convex=isinstance(s_min, (int, float)) and s_min == 0,  # a traced s_min takes the general path
     )

@@ -142,14 +142,15 @@ def _pad_stats(AY, AA, Ab, C):
 def _update_temporal_core(
     AY, AA, Ab, bY, bb, C, f, groups, g_fixed, sn_fixed, *, p, n_sweeps, update_f, deconv_kw
 ):
-    from .deconv import deconvolve
+    from .deconv import LANE_AXIS, deconvolve
     from .noise import estimate_ar, estimate_noise
 
     K, T = C.shape
     dtype = C.dtype
     AYp, AAp, Abp, Cp = _pad_stats(AY, AA, Ab, C)
     bA = Ab.T
-    deconv = jax.vmap(functools.partial(deconvolve, p=p, **deconv_kw))
+    # the lanes share loop bounds under LANE_AXIS (AR(1)'s nested pool search needs it)
+    deconv = jax.vmap(functools.partial(deconvolve, p=p, **deconv_kw), axis_name=LANE_AXIS)
 
     zeros_k = jnp.zeros((K + 1,), dtype)
     init = dict(

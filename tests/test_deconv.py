@@ -350,3 +350,26 @@ def test_gradients_match_finite_differences(g, lam):
         m = 2 * len(ks) + 2 * j
         fd = (f[m] - f[m + 1]) / (2 * eps_g)
         assert float(gg[j]) == pytest.approx(fd, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("rounds", [deconv._ROUNDS, 1], ids=["default", "fallback"])
+def test_ar1_nested_search_from_a_start_above_the_answer(monkeypatch, rounds):
+    """The AR(1) nested pool search starts from the (b, lam) of the first 1,024 frames; traces whose prefix is busier
+    or sits higher than the rest put that start above the answer. The lowered restarts (and, with one round, the
+    frame-level fallback) still give the certified optimum, equal to the frame-level search of a plain vmap (which
+    has no shared lane bound and so never takes the nested path)."""
+    monkeypatch.setattr(deconv, "_ROUNDS", rounds)
+    rng = np.random.default_rng(31 + rounds)
+    T, g, sn = 4096 + rounds, AR1, 0.3  # a new length per case: a fresh compilation reads _ROUNDS
+    Y = np.stack([R.simulate_trace(rng, T, g, sn, rate=0.03, b=1.0) for _ in range(6)])
+    Y[0, :1024] += 2.0  # prefix baseline far above the rest
+    Y[1, :1024] += R.simulate_trace(rng, 1024, g, 0.0, rate=0.3, b=0.0)  # a burst: the prefix's lam is too high
+    Y[2, 1024:] -= 0.9  # the rest lower: b near the floor
+    Y[3] = sn * rng.standard_normal(T) + 0.5  # noise only: lam = 0 answer region
+    sns = np.full(6, sn)
+    with jax.enable_x64(True):
+        out = deconvolve_batch(Y, np.array(g), sns)
+        plain = jax.vmap(lambda y, s: deconvolve(y, jnp.asarray(g), s))(jnp.asarray(Y), jnp.asarray(sns))
+    _check_certified(Y, g, sns, [T] * 6, out, tol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.c), np.asarray(plain.c), rtol=1e-6, atol=1e-8 * np.ptp(Y))
+    np.testing.assert_allclose(np.asarray(out.b), np.asarray(plain.b), rtol=1e-6, atol=1e-9)
