@@ -399,26 +399,42 @@ def _noise_autocovariance(sn2: jax.Array, fc: jax.Array, max_lag: int) -> jax.Ar
     return sn2[..., None] * jnp.where(fc[..., None] >= 0.5, (k == 0).astype(sn2.dtype), jnp.sinc(2 * fc[..., None] * k))
 
 
-def _yule_walker_lstsq(r: jax.Array, rn: jax.Array, sn2: jax.Array, n: jax.Array, p: int) -> jax.Array:
+def _yule_walker_lstsq(r: jax.Array, rn: jax.Array, sn2: jax.Array, n: jax.Array, p: int, m=None) -> jax.Array:
     """Least-squares solution of r_c(k) = sum_j g_j r_c(|k-j|), k = 1..m, for the calcium's autocovariance
     r_c = r - rn (the noise's autocovariance removed; r_c(0) kept >= 0) (one trace).
 
     The fit is ridge-regularised with weight m sn^4 / n, the sampling variance that white noise alone puts on m
     autocovariances of an n-frame trace: negligible when the calcium stands out of the noise, it shrinks g towards
-    0 when it does not (white noise), where the plain least-squares problem is ill-posed.
+    0 when it does not (white noise), where the plain least-squares problem is ill-posed. `m` (traced, <= the lags
+    in r) uses the first m equations only; None: all of them.
     """
-    m = r.shape[-1] - 1
+    rows = r.shape[-1] - 1
     rc = r - rn
     rc = rc.at[0].set(jnp.maximum(rc[0], 0.0))
-    k = np.arange(1, m + 1)[:, None]
+    k = np.arange(1, rows + 1)[:, None]
     j = np.arange(1, p + 1)[None, :]
-    M = rc[np.abs(k - j)]
+    active = jnp.ones(rows, r.dtype) if m is None else (jnp.arange(1, rows + 1) <= m).astype(r.dtype)
+    M = rc[np.abs(k - j)] * active[:, None]
+    m = rows if m is None else m
     ridge = m * sn2 * sn2 / n + jnp.finfo(r.dtype).tiny
     # the ridge problem as one stacked least-squares system (SVD), not its normal equations: on traces whose
     # autocovariance is nearly flat over the lags (slow drift, upsampled data) M'M is singular in float32
     A = jnp.concatenate([M, jnp.sqrt(ridge) * jnp.eye(p, dtype=r.dtype)])
-    b = jnp.concatenate([rc[1:], jnp.zeros(p, r.dtype)])
+    b = jnp.concatenate([rc[1:] * active, jnp.zeros(p, r.dtype)])
     return jnp.linalg.lstsq(A, b)[0]
+
+
+AUTO_LAGS = (5, 60)
+"""Fewest and most extra lags of `estimate_ar(lags="auto")`."""
+
+
+def _decay_lags(r: jax.Array, rn: jax.Array, sn2: jax.Array, n: jax.Array, min_root: float, max_root: float):
+    """Extra lags for `lags="auto"` (one trace): the decay time in frames of the AR(1) fit over the fewest lags,
+    clipped to `AUTO_LAGS`."""
+    lo, hi = AUTO_LAGS
+    d = _yule_walker_lstsq(r, rn, sn2, n, 1, m=1 + lo)[0]
+    d = jnp.clip(d, min_root, max_root)
+    return jnp.clip(jnp.ceil(-1.0 / jnp.log(d)), lo, hi).astype(jnp.int32)
 
 
 def _safe_sqrt(x):
@@ -474,12 +490,18 @@ def guard_ar(g, *, min_root: float = 1e-3, max_root: float = 0.999) -> jax.Array
 
 @functools.partial(jax.jit, static_argnames=("p", "lags", "min_root", "max_root"))
 def _estimate_ar(y, sn, fc, length, p, lags, min_root, max_root):
-    r = _autocovariance(y, p + lags, length)
+    auto = lags == "auto"
+    top = p + (AUTO_LAGS[1] if auto else lags)
+    r = _autocovariance(y, top, length)
     batch = r.shape[:-1]
     n = jnp.broadcast_to(jnp.asarray(y.shape[-1] if length is None else length, y.dtype), batch)
-    rn = _noise_autocovariance(sn * sn, fc, p + lags)
-    solve = jax.vmap(lambda ri, rni, si, ni: _yule_walker_lstsq(ri, rni, si * si, ni, p))
-    g = solve(r.reshape(-1, p + lags + 1), rn.reshape(-1, p + lags + 1), sn.reshape(-1), n.reshape(-1))
+    rn = _noise_autocovariance(sn * sn, fc, top)
+
+    def one(ri, rni, si, ni):
+        m = p + _decay_lags(ri, rni, si * si, ni, min_root, max_root) if auto else None
+        return _yule_walker_lstsq(ri, rni, si * si, ni, p, m=m)
+
+    g = jax.vmap(one)(r.reshape(-1, top + 1), rn.reshape(-1, top + 1), sn.reshape(-1), n.reshape(-1))
     return guard_ar(g.reshape(*batch, p), min_root=min_root, max_root=max_root)
 
 
@@ -507,7 +529,10 @@ def estimate_ar(
     - `y`: array (..., T) of traces.
     - `p`: 1 or 2, the AR order (CaImAn's `p`).
     - `sn`: noise standard deviation per trace (batch shape); estimated with `estimate_noise` when None.
-    - `lags`: number of extra lags beyond p in the least-squares fit (CaImAn's `lags`).
+    - `lags`: number of extra lags beyond p in the least-squares fit (CaImAn's `lags`), or "auto": as many as the
+      calcium's decay time in frames (from an AR(1) fit over 5 extra lags), clipped to `AUTO_LAGS` (5..60), so the
+      fitted lags span the decay whatever the frame rate (5 lags are 40 ms at 122 Hz, where the autocovariance of a
+      0.5 s decay is still flat).
     - `min_root`, `max_root`: smallest and largest allowed roots (see `guard_ar`).
     - `length`: optional per-trace number of valid frames (the rest is padding), as in `estimate_noise`.
     - `noise_cutoff`: the frequency (fraction of the sampling rate, per trace or one value) up to which the noise is
@@ -518,15 +543,17 @@ def estimate_ar(
     """
     if p not in (1, 2):
         raise ParameterError(f"p={p!r}: only AR(1) and AR(2) kernels are supported (p=1 or p=2).")
-    if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
-        raise ParameterError(f"lags={lags!r}: expected a non-negative integer number of extra lags.")
+    auto = isinstance(lags, str) and lags == "auto"
+    if not auto and (isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0):
+        raise ParameterError(f"lags={lags!r}: expected a non-negative integer number of extra lags, or 'auto'.")
     if not 0.0 < float(min_root) <= float(max_root) < 1.0:
         raise ParameterError(f"min_root={min_root!r}, max_root={max_root!r}: expected 0 < min_root <= max_root < 1.")
     y = _to_float(y)
-    if y.ndim == 0 or y.shape[-1] < p + lags + 2:
+    need = p + (AUTO_LAGS[1] if auto else lags) + 2
+    if y.ndim == 0 or y.shape[-1] < need:
         raise ParameterError(
             f"estimate_ar: traces of shape {y.shape} are too short for p={p} with lags={lags}; "
-            f"need at least {p + lags + 2} frames."
+            f"need at least {need} frames."
         )
     if length is not None:
         length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), y.shape[:-1])
@@ -534,7 +561,7 @@ def estimate_ar(
         sn = estimate_noise(y, length=length)
     sn = jnp.broadcast_to(jnp.asarray(sn, y.dtype), y.shape[:-1])
     fc = jnp.broadcast_to(jnp.asarray(noise_cutoff, y.dtype), y.shape[:-1])
-    return _estimate_ar(y, sn, fc, length, int(p), int(lags), float(min_root), float(max_root))
+    return _estimate_ar(y, sn, fc, length, int(p), "auto" if auto else int(lags), float(min_root), float(max_root))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

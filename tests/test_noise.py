@@ -339,6 +339,44 @@ def test_ar_matches_float64_reference(p):
         np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
+def reference_auto_lags(y, sn, fc=0.5):
+    """Extra lags of lags="auto": the decay time in frames of the guarded AR(1) fit over 5 extra lags, in 5..60."""
+    d = float(np.asarray(guard_ar(reference_ar(y, 1, sn, 5, fc)))[0])
+    return int(np.clip(np.ceil(-1 / np.log(d)), 5, 60))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_ar_auto_lags_matches_float64_reference(p):
+    rng = np.random.default_rng(27)
+    with jax.enable_x64(True):
+        for g, fc in (([0.97], 0.5), ([1.6, -0.63], 0.5), ([0.995], 0.5), ([0.97], 0.1)):
+            noise = band_limited_noise(rng, 1, 4000, 5, 0.3)[0] if fc < 0.5 else 0.3 * rng.normal(size=4000)
+            y = calcium(rng, g, 1, 4000)[0] + noise
+            lags = reference_auto_lags(y, 0.3, fc)
+            got = np.asarray(estimate_ar(y, p, sn=0.3, lags="auto", noise_cutoff=fc))
+            want = np.asarray(guard_ar(reference_ar(y, p, 0.3, lags, fc)))
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert reference_auto_lags(calcium(rng, [0.99], 1, 20000)[0] + 0.1 * rng.normal(size=20000), 0.1) > 50
+
+
+def test_ar_auto_lags_recovers_slow_kernels_and_compiles_once():
+    """At a fast frame rate (decay 100 frames) the fit spans the decay: AR(1) within 2 %."""
+    rng = np.random.default_rng(28)
+    y = (calcium(rng, [0.99], 12, 30000, rate=0.01) + 0.3 * rng.normal(size=(12, 30000))).astype(np.float32)
+    roots = np.asarray(ar_roots(estimate_ar(y, 1, sn=0.3, lags="auto")))
+    assert abs(np.median(roots) / 0.99 - 1) < 0.02
+    from jaxcnmf.noise import _estimate_ar
+
+    before = _estimate_ar._cache_size()
+    for _ in range(3):
+        estimate_ar(rng.normal(size=(3, 500)).astype(np.float32), 2, lags="auto")
+    assert _estimate_ar._cache_size() == before + 1
+    with pytest.raises(ParameterError, match="lags"):
+        estimate_ar(np.zeros(100), 2, lags="many")
+    with pytest.raises(ParameterError, match="too short"):
+        estimate_ar(np.zeros(50), 2, lags="auto")
+
+
 def test_ar_float32_matches_float64_on_drifting_slow_traces():
     """Slow kernels plus a random-walk drift make the autocovariance nearly flat over the lags (M'M nearly singular):
     the float32 estimate must still be the float64 one (the normal equations in float32 gave NaN or clipped kernels)."""
