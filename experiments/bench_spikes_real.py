@@ -7,9 +7,12 @@ summed in 40 ms bins (one frame where frames are slower) and correlated; the med
 
 Protocols (each applied identically to both tools):
 - `own`: each tool estimates sn and g its own way (jaxcnmf: what `deconvolve_batch` does when sn and g are not
-  given: PSD mean over 0.25-0.5 of the frame rate and Yule-Walker with 5 extra lags; OASIS: its
-  `estimate_parameters`, PSD mean and 10 lags, fudge factor 0.98).
-- `band`: the noise band is set from the data. Spikefinder traces were resampled to 100 Hz from slower recordings,
+  given, `deconv._estimate`: PSD mean over [f_c/2, f_c] with f_c from each trace's spectrum (`noise.noise_cutoff`:
+  0.5 of the frame rate unless the trace was resampled or low-pass filtered), Yule-Walker with the band-limited
+  noise's autocovariance removed, AR(1) over as many lags as its decay time, AR(2) over 5 extra lags; OASIS: its
+  `estimate_parameters`, PSD mean over 0.25-0.5 and 10 lags, fudge factor 0.98).
+- `band`: (an older experiment, kept for comparison; `own` now chooses jaxcnmf's band itself) the noise band is set
+  from the data with a fixed PSD floor. Spikefinder traces were resampled to 100 Hz from slower recordings,
   so their top frequencies hold no noise at all (the PSD falls by >1e6) and sn from 0.25-0.5 is ~0, which forces
   c = y. Here the band is the upper half of the band that holds signal (`effective_band`): [f_eff/2, f_eff], with
   f_eff where the PSD last exceeds 1e-4 of its maximum. For cascade data f_eff is the Nyquist rate (no change).

@@ -996,18 +996,28 @@ TRACE_NOISE_METHOD = "mean"  # PSD averaging for traces' sn (see `_estimate`)
 def _estimate(Y: np.ndarray, g, sn, p: int, length: np.ndarray):
     """Fill in sn and g with `noise.estimate_noise` / `noise.estimate_ar` where they are not given.
 
-    sn is the plain mean of the upper-band PSD (`TRACE_NOISE_METHOD`, as OASIS and CaImAn do for traces), not the
-    log-mean that `estimate_noise` defaults to for movies: on real traces the upper band still holds some of the
-    transients' power, and the mean counts it, so the noise budget is a little more conservative. On the cascade and
-    spikefinder ground truth it gave equal or better spike correlations on 10 of 10 data set x AR order pairs tested
-    (by up to 0.016; experiments/bench_spikes_real.py).
+    The noise band is chosen per trace from its spectrum (`freq_range="auto"`): the fixed 0.25-0.5 band unless the
+    trace was resampled or low-pass filtered (`noise.noise_cutoff`, e.g. spikefinder's 100 Hz traces, which hold no
+    noise above 0.04-0.3 of the rate), and sn is then the std of that band-limited noise, whose autocovariance
+    the AR fit removes at every lag. sn is the plain mean of the PSD over the band (`TRACE_NOISE_METHOD`, as OASIS
+    and CaImAn do for traces), not the log-mean that `estimate_noise` defaults to for movies: on real traces the
+    band still holds some of the transients' power, and the mean counts it, so the noise budget is a little more
+    conservative. AR(1) fits as many lags as its decay time in frames (`lags="auto"`); AR(2) keeps 5 extra lags:
+    with long windows its rise root, fitted from the first lags, got worse. All three choices
+    were measured on the cascade and spikefinder ground truth (experiments/bench_spikes_real.py, RESULTS.md).
+    Measured and not taken (2026-12-03): AR(2) with lags="auto" too (better on 5 of 8 sets, but DS21 -0.046,
+    spikefinder6 -0.052); OASIS's shrinking of the roots by 0.98 (wins on DS21, DS29 AR(2) and spikefinder, where
+    the autocovariance's decay is too slow for spike timing, but costs DS09 AR(2) 0.069 and DS14 0.03-0.04: the per-frame
+    factor's effect depends on the frame rate); an intercept in the Yule-Walker fit to absorb slow drift (far worse).
     """
     from . import noise  # the noise helper module; imported here so deconv works on its own when g and sn are given
 
     if sn is None:
-        sn = np.asarray(noise.estimate_noise(Y, length=length, method=TRACE_NOISE_METHOD))
+        sn = np.asarray(noise.estimate_noise(Y, freq_range="auto", length=length, method=TRACE_NOISE_METHOD))
     if g is None:
-        g = np.asarray(noise.estimate_ar(Y, p, sn=sn, length=length))
+        fc = noise.noise_cutoff(Y, length=length)
+        lags = "auto" if p == 1 else 5
+        g = np.asarray(noise.estimate_ar(Y, p, sn=sn, length=length, noise_cutoff=fc, lags=lags))
     return g, sn
 
 
