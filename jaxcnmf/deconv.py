@@ -314,6 +314,11 @@ def _pav(x: Float[Array, " T"], ker: _Kernel, length, s_min, *, elem_t0=None, n_
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# scan unrolling of the banded solves and linear recurrences: 2 halved a 64-row band solve at 10,000 frames
+# (30 -> 14 ms; 1.3x at 500 rows); 3, 4 and 8 were slower than 2
+_UNROLL = 2
+
+
 def _linear_recurrence(a, b, reverse=False):
     """z_t = a_t z_{t-1} + b_t (z_{t+1} when `reverse`) from z = 0, along the first axis, by a sequential scan (on CPU
     cheaper than a log-depth `associative_scan`, which passes over the whole array about 2 log2(T) times)."""
@@ -322,7 +327,7 @@ def _linear_recurrence(a, b, reverse=False):
         z = ab[0] * z + ab[1]
         return z, z
 
-    return jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse)[1]
+    return jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse, unroll=_UNROLL)[1]
 
 
 def _on_pools_ar1(xs, starts, pinned, ker: _Kernel, length):
@@ -436,7 +441,7 @@ def _band_solve(ker: _Kernel, free, rhs):
         return (D, D1, l1, z, z1), (l1, l2, D, z)
 
     zero_m = jnp.zeros(rhs.shape[1:], dt)
-    _, (l1, l2, D, z) = jax.lax.scan(forward, (one, one, 0 * one, zero_m, zero_m), (d0, d1, d2, rhs))
+    _, (l1, l2, D, z) = jax.lax.scan(forward, (one, one, 0 * one, zero_m, zero_m), (d0, d1, d2, rhs), unroll=_UNROLL)
     w = z / D[:, None]
     l1n = jnp.concatenate([l1[1:], jnp.zeros(1, dt)])  # l1_{t+1}
     l2n = jnp.concatenate([l2[2:], jnp.zeros(2, dt)])  # l2_{t+2}
@@ -447,7 +452,7 @@ def _band_solve(ker: _Kernel, free, rhs):
         m = wt - a * m1 - b * m2
         return (m, m1), m
 
-    _, mu = jax.lax.scan(backward, (zero_m, zero_m), (w, l1n, l2n), reverse=True)
+    _, mu = jax.lax.scan(backward, (zero_m, zero_m), (w, l1n, l2n), reverse=True, unroll=_UNROLL)
     return jnp.where(free[:, None], mu, 0)
 
 
@@ -890,17 +895,14 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
         m0 = mask[:_PREFIX] & (t[:_PREFIX] < n0)
         a0 = _penalty_weights(jax.lax.stop_gradient(g), _PREFIX, n0, c1_free)
         y0 = jnp.where(m0, y_s[:_PREFIX], 0)
-        b_pre, lam_pre, _ = alternate(y0, a0, m0, n0, zero, lam0, (first[0][:_PREFIX], first[1]), exact=False)
+        b_pre, lam_pre, _ = alternate(y0, a0, m0, n0, zero, lam0, (first[0][:_PREFIX], first[1]), exact=False,
+                                      iters=min(max_iter, _PREFIX_ITERS))
         b_pre = b_pre if b_free else zero
-    if exact2 and long:
-        # long AR(2) traces: converge (b, lam) with greedy pool merging first (cheap, and close to exact), so the
-        # active-set search starts from a nearly right support at nearly the right (b, lam) and needs few steps
-        b_pre, lam_pre, (starts, pinned) = alternate(
-            y_s, a_s, mask, length, b_pre, lam_pre, first, exact=False, iters=min(max_iter, 3)
-        )
-        first = (starts & ~((t == 0) & pinned), jnp.bool_(False))
-    elif exact2:  # short ones: one greedy pass at the first guess is warm start enough (and compiles faster)
-        starts, pinned, _ = _pav(jnp.where(mask, y_s - lam0 * a_s, 0), ker_s, length, s_min)
+    if exact2:
+        # AR(2): the active-set search starts from one greedy pool-merging pass at the first (b, lam) (the prefix's
+        # on long traces). Converging (b, lam) with greedy merging first (3 alternations) saved no active-set steps
+        # and cost 1.5x in all (320 x 10,000 frames, 64-row blocks: 13.3 vs 8.9 s on one core).
+        starts, pinned, _ = _pav(jnp.where(mask, y_s - b_pre - lam_pre * a_s, 0), ker_s, length, s_min)
         first = (starts & ~((t == 0) & pinned), jnp.bool_(False))
     if not nested:
         _, _, structure = alternate(y_s, a_s, mask, length, b_pre, lam_pre, first)
@@ -930,6 +932,9 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------------------
 
+# cap on the prefix's greedy (b, lam) alternations: AR(2) greedy merging can cycle, and a batch waits for its slowest
+# lane (256 x 10,000 AR(2), one thread: 30 -> 27.7, 8 -> 40.6, 4 -> 38.7, 2 -> 28.4 traces/s); only the start depends on it
+_PREFIX_ITERS = 8
 _PREFIX = 1024  # frames of the warm-start solve for long traces (T >= 4 _PREFIX)
 
 _TRACE_COUNT = {"batch": 0}  # how many times the batched core was traced (compile-once test)
@@ -1051,10 +1056,12 @@ def deconvolve_batch(
     - `lam`: None to meet the noise constraint, or the sparsity weight of the penalised form.
     - `s_min`: minimum spike size (0: the convex problem; > 0: thresholded pools, a heuristic).
     - `max_iter`: bound on the alternations between pool merging and the closed-form (lam, b) update.
-    - `threads`: on the CPU backend, the rows are split into this many equal blocks solved at once from a thread pool
-      (XLA runs each block's sequential pool merging on one core). None: one per available core, for batches of at
-      least 64 rows per block; 1: one block. Ignored on GPU/TPU, where one batch fills the device. Results do not
-      depend on it (rows are solved independently).
+    - `threads`: on the CPU backend, the rows are split into equal blocks of at most `CPU_BLOCK_ROWS[p]` rows, solved
+      `threads` at a time from a thread pool (XLA runs each block's sequential pool merging on one core, and a
+      block's arrays then stay in cache: 64-128 rows ran 1.4-2.5x faster per trace than 500-1000, and the batch's
+      slowest trace holds fewer others). None: one thread per available core, for batches of at least 64 rows per
+      thread; 1: one at a time. Ignored on GPU/TPU, where one batch fills the device. Results do not depend on it
+      (rows are solved independently).
 
     **Returns:** a `DeconvResult` whose fields have a leading axis N.
 
@@ -1105,16 +1112,27 @@ def deconvolve_batch(
         Yb, gb, snb, bb, c1b, lamb, lb = (jnp.asarray(r) for r in block)
         return _batch_core(Yb, gb, snb, bb, c1b, lamb, jnp.asarray(s_min, dtype), lb, *options)
 
-    n_blocks = _n_blocks(N, threads)
+    workers = _n_blocks(N, threads)
+    size = -(-N // workers)
+    if jax.default_backend() == "cpu":
+        size = min(size, CPU_BLOCK_ROWS[p])
+    n_blocks = -(-N // size)
     if n_blocks == 1:
         return solve(rows)
-    size = -(-N // n_blocks)  # equal blocks (one compiled shape); the last is padded with all-zero rows
+    # equal blocks (one compiled shape); the last is padded with all-zero rows
     pad = lambda r, fill: np.concatenate([r, np.broadcast_to(fill, (size * n_blocks - N,) + r.shape[1:])])
     padded = [pad(r, f) for r, f in zip(rows, (0, g[0], 1, 0, 0, 0, T))]
     blocks = [tuple(r[k * size : (k + 1) * size] for r in padded) for k in range(n_blocks)]
-    with concurrent.futures.ThreadPoolExecutor(n_blocks) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         parts = list(pool.map(lambda b: jax.block_until_ready(solve(b)), blocks))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:N], *parts)
+
+
+CPU_BLOCK_ROWS = {1: 512, 2: 64}
+"""Most rows per block `deconvolve_batch` solves at once on CPU, per AR order. AR(2)'s active-set steps are short
+banded scans whose cost per row grows with the block (cache) and whose step count is the block's slowest row: 2,000 x
+10,000-frame traces, 2 threads, 64 rows 35.4 vs 256 rows 29.7 traces/s. AR(1) gains from XLA's own threads on larger
+blocks (1,000 x 10,000, 2 threads: 128 rows 300, 512 rows 330 traces/s)."""
 
 
 def _n_blocks(N: int, threads: int | None) -> int:

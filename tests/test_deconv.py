@@ -373,3 +373,19 @@ def test_ar1_nested_search_from_a_start_above_the_answer(monkeypatch, rounds):
     _check_certified(Y, g, sns, [T] * 6, out, tol=1e-6)
     np.testing.assert_allclose(np.asarray(out.c), np.asarray(plain.c), rtol=1e-6, atol=1e-8 * np.ptp(Y))
     np.testing.assert_allclose(np.asarray(out.b), np.asarray(plain.b), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
+def test_cpu_row_blocks_match_one_batch(monkeypatch, g):
+    """On CPU the rows are solved in blocks of at most CPU_BLOCK_ROWS[p] (cache-sized; here 48: 130 rows -> 3 blocks,
+    the last padded): the same results as one 130-row batch."""
+    rng = np.random.default_rng(14)
+    Y, sns = _batch(rng, g, list(rng.integers(100, 301, size=130)), (0.2, 0.5), T=300)
+    lengths = np.sum(np.isfinite(Y), axis=1)
+    monkeypatch.setattr(deconv, "CPU_BLOCK_ROWS", {1: 48, 2: 48})
+    blocked = deconvolve_batch(Y, np.array(g), sns, length=lengths, threads=1)
+    monkeypatch.setattr(deconv, "CPU_BLOCK_ROWS", {1: 10**6, 2: 10**6})
+    whole = deconvolve_batch(Y, np.array(g), sns, length=lengths, threads=1)
+    for field in ("c", "s", "b", "c1", "lam"):
+        np.testing.assert_allclose(np.asarray(getattr(blocked, field)), np.asarray(getattr(whole, field)), rtol=1e-5,
+                                   atol=1e-6)
