@@ -27,6 +27,9 @@ How it is solved:
    until the pool structure no longer changes, which is the exact optimum of the convex problem (the structure is a
    fixed point: pool-adjacent-violators at that (lam, b) returns it, and (lam, b) are optimal on it). Long traces
    (T >= 4096) start from the (b, lam) of their first 1,024 frames, which saves most of the full-length passes.
+   For AR(1) the search is nested (`_search_nested_ar1`): the pools at a (b, lam) below the answer refine the
+   answer's pools (in u_t = c_t / g^t the problem is isotonic regression, and raising b or lam subtracts a
+   non-decreasing sequence), so one pass over the frames builds them and every later (b, lam) step merges pools only.
 3. The returned solution is recomputed from the final pool structure with plain differentiable array code, with the
    search itself behind `stop_gradient`: `jax.grad` of anything computed from the result differentiates the exact
    solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
@@ -35,11 +38,11 @@ How it is solved:
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
 rule of Friedrich et al. 2017) is only close; here it is a warm start for an exact primal-dual active-set method on
 the dual, a box-constrained QP whose Hessian G G' is pentadiagonal (each step one O(T) banded solve, usually a few
-steps; block principal pivoting's backup rule keeps it from cycling). On long traces (b, lam) are first converged
-with greedy merging, so the active-set passes start close to the end. The tests certify optimality with a duality gap.
+steps; block principal pivoting's backup rule keeps it from cycling), started from one greedy pass at the prefix's
+(b, lam) on long traces. The tests certify optimality with a duality gap.
 
-`deconvolve_batch` runs on CPU one vmapped batch per core (row blocks on a thread pool): XLA runs a vmapped
-sequential loop on one core.
+`deconvolve_batch` runs on CPU vmapped blocks of at most `CPU_BLOCK_ROWS` rows, one per core at a time (a thread pool):
+XLA runs a vmapped sequential loop on one core, and small blocks stay in cache and wait less for their slowest row.
 
 `s_min > 0` is the thresholded variant (OASIS-style): pools whose starting spike is below `s_min` are merged into the
 pool before (greedy pools for AR(2) too), so every reported spike is 0 or >= s_min. It is a heuristic for a non-convex
