@@ -582,6 +582,13 @@ def _b_lam(update, head, b, lam, b_fix, lam_fix, *, b_free, lam_free: bool, floo
     return jnp.where(low, b_0, b_f), jnp.where(low, lam_0, lam_f)
 
 
+def _b_lam_settled(b_new, b, lam_new, lam, b_scale):
+    """(b, lam) reproduced by the structure they gave, to rounding (a fixed point: no confirming search needed);
+    `b_scale` is the magnitude b's tolerance is relative to."""
+    tol = 1e-6 if b.dtype == jnp.float64 else 1e-5
+    return (jnp.abs(lam_new - lam) <= tol * jnp.abs(lam)) & (jnp.abs(b_new - b) <= tol * b_scale)
+
+
 def _pool_sums_ar1(t0, n, a, ker: _Kernel, mask):
     """For AR(1) pools `(t0, n)` (as `_pav` returns them): which rows are pools, their lengths l, and their sums
     A_1 = sum_k g^k and A_a = sum_k g^k a_(t0+k) in closed form (a is 1 - g except at the first and last frames).
@@ -706,8 +713,7 @@ def _nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b0, lam0, lam_fix, flo
         _, pinned, pools = _pav(eA, ker, length, 0.0, elem_t0=e_t0, n_elem=n0, steps=steps)
         same = jnp.all(pools[0] == t0_prev) & (pinned == pinned_prev)
         b_new, lam_new = update(pools, pinned, b, lam)
-        tol = 1e-6 if dt == jnp.float64 else 1e-5
-        fixed = (jnp.abs(lam_new - lam) <= tol * jnp.abs(lam)) & (jnp.abs(b_new - b) <= tol * (jnp.abs(b) + sn))
+        fixed = _b_lam_settled(b_new, b, lam_new, lam, jnp.abs(b) + sn)
         return b_new, lam_new, pools[0], pinned, it + 1, same | fixed, b, lam
 
     def cond(state):
@@ -719,6 +725,14 @@ def _nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b0, lam0, lam_fix, flo
     starts = jnp.zeros(T, bool).at[t0].set(True, mode="drop")
     safe = (b_at >= b0) & (lam_at >= lam0)
     return (starts, pinned), b, lam, safe
+
+
+def _prefix_problem(y_s, mask, length, g, c1_free: bool):
+    """The first `_PREFIX` frames of a long trace as a problem of their own: `(y, a, mask, length)`."""
+    n0 = jnp.minimum(length, _PREFIX)
+    m0 = mask[:_PREFIX] & (jnp.arange(_PREFIX) < n0)
+    a0 = _penalty_weights(g, _PREFIX, n0, c1_free)
+    return jnp.where(m0, y_s[:_PREFIX], 0), a0, m0, n0
 
 
 # first start of `_search_nested_ar1` below the prefix's answer: b - 2 sn and lam / 4. With b - sn and lam / 2, 7 of
@@ -734,9 +748,9 @@ def _search_nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b_start, lam_in
 
     The start (b0, lam0) comes from the first `_PREFIX` frames on long traces (their own nested search from the
     lowest point) lowered by a margin (`_MARGIN`: lam / 4 and b - 2 sn). A lane whose answer ends below its start is
-    searched again from a lower point (lam0 / 16 and b0 - 8 sn, then lam0 = 0 and the floor), and after `_ROUNDS` by the
-    frame-level alternation, which certifies its answer as a fixed point; under vmap a round costs the batch one pass
-    over the frames only when some lane needs it.
+    searched again from a lower point (lam0 / 16 and b0 - 8 sn, then lam0 = 0 and the floor), and after `_ROUNDS` by
+    the frame-level alternation, which certifies its answer as a fixed point; under vmap a round costs the batch one
+    pass over the frames only when some lane needs it.
 
     **Arguments:** as `_nested_ar1` (`b_start`: the baseline guess the data were centred on; `lam_init`: the first
     lam), plus `long` (use the prefix), `alternate` (the frame-level search of `_solve`) and the static options.
@@ -745,7 +759,6 @@ def _search_nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b_start, lam_in
     """
     T = y_s.shape[0]
     dt = y_s.dtype
-    t = jnp.arange(T)
     zero = jnp.zeros((), dt)
     floor = -b_start  # b = 0 in absolute terms (b is relative to b_start)
     nonneg = b_free == "nonneg"
@@ -754,10 +767,8 @@ def _search_nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b_start, lam_in
                                                       lam_free=lam_free, max_iter=max_iter)
     b_pre, lam_pre = clamp(zero), lam_init
     if long:
-        n0 = jnp.minimum(length, _PREFIX)
-        m0 = mask[:_PREFIX] & (t[:_PREFIX] < n0)
-        a0 = _penalty_weights(jnp.reshape(ker.g1, (1,)), _PREFIX, n0, c1_free)
-        _, b_pre, lam_pre, _ = search(jnp.where(m0, y_s[:_PREFIX], 0), a0, m0, n0, b_pre, lam_init)
+        prefix = _prefix_problem(y_s, mask, length, jnp.reshape(ker.g1, (1,)), c1_free)
+        _, b_pre, lam_pre, _ = search(*prefix, b_pre, lam_init)
 
     def lowered(b0, lam0, k):
         """Start of round k (0, 1, ...): b0 - m_b 4^k sn and lam0 m_lam / 4^k (`_MARGIN`), the last from lam = 0 and
@@ -874,11 +885,7 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
             b_new, lam_new = _b_lam(
                 update, head, b, lam, zero, lam_fix, b_free=b_free, lam_free=lam_free, floor=-b_start
             )
-            # (b, lam) reproduced by the structure they gave: a fixed point (saves the confirming search)
-            tol = 1e-6 if dt == jnp.float64 else 1e-5
-            fixed = (jnp.abs(lam_new - lam) <= tol * jnp.abs(lam)) & (
-                jnp.abs(b_new - b) <= tol * (jnp.abs(b + b_start) + sn_s)
-            )
+            fixed = _b_lam_settled(b_new, b, lam_new, lam, jnp.abs(b + b_start) + sn_s)
             return b_new, lam_new, structure, it + 1, same | (fixed & (it > 0))
 
         def outer_cond(state):
@@ -899,11 +906,8 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     elif long:
         # Long traces: (b, lam) from the first _PREFIX frames first (lam is a per-spike threshold and the noise budget
         # a per-frame one, so they carry over), which leaves the full-length search a pass or two from the end.
-        n0 = jnp.minimum(length, _PREFIX)
-        m0 = mask[:_PREFIX] & (t[:_PREFIX] < n0)
-        a0 = _penalty_weights(jax.lax.stop_gradient(g), _PREFIX, n0, c1_free)
-        y0 = jnp.where(m0, y_s[:_PREFIX], 0)
-        b_pre, lam_pre, _ = alternate(y0, a0, m0, n0, zero, lam0, (first[0][:_PREFIX], first[1]), exact=False,
+        prefix = _prefix_problem(y_s, mask, length, jax.lax.stop_gradient(g), c1_free)
+        b_pre, lam_pre, _ = alternate(*prefix, zero, lam0, (first[0][:_PREFIX], first[1]), exact=False,
                                       iters=min(max_iter, _PREFIX_ITERS))
         b_pre = b_pre if b_free else zero
     if exact2:
@@ -941,7 +945,8 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 # cap on the prefix's greedy (b, lam) alternations: AR(2) greedy merging can cycle, and a batch waits for its slowest
-# lane (256 x 10,000 AR(2), one thread: 30 -> 27.7, 8 -> 40.6, 4 -> 38.7, 2 -> 28.4 traces/s); only the start depends on it
+# lane (256 x 10,000 AR(2), one thread: 30 -> 27.7, 8 -> 40.6, 4 -> 38.7, 2 -> 28.4 traces/s); only the start
+# depends on it
 _PREFIX_ITERS = 8
 _PREFIX = 1024  # frames of the warm-start solve for long traces (T >= 4 _PREFIX)
 
@@ -1065,11 +1070,10 @@ def deconvolve_batch(
     - `s_min`: minimum spike size (0: the convex problem; > 0: thresholded pools, a heuristic).
     - `max_iter`: bound on the alternations between pool merging and the closed-form (lam, b) update.
     - `threads`: on the CPU backend, the rows are split into equal blocks of at most `CPU_BLOCK_ROWS[p]` rows, solved
-      `threads` at a time from a thread pool (XLA runs each block's sequential pool merging on one core, and a
-      block's arrays then stay in cache: 64-128 rows ran 1.4-2.5x faster per trace than 500-1000, and the batch's
-      slowest trace holds fewer others). None: one thread per available core, for batches of at least 64 rows per
-      thread; 1: one at a time. Ignored on GPU/TPU, where one batch fills the device. Results do not depend on it
-      (rows are solved independently).
+      `threads` at a time from a thread pool (XLA runs each block's sequential pool merging on one core; AR(2)'s
+      small blocks stay in cache and wait for fewer slow rows). None: one thread per available core, for batches of
+      at least 64 rows per thread; 1: one at a time. Ignored on GPU/TPU, where one batch fills the device. Results
+      do not depend on it (rows are solved independently).
 
     **Returns:** a `DeconvResult` whose fields have a leading axis N.
 
@@ -1138,8 +1142,8 @@ def deconvolve_batch(
 
 CPU_BLOCK_ROWS = {1: 512, 2: 64}
 """Most rows per block `deconvolve_batch` solves at once on CPU, per AR order. AR(2)'s active-set steps are short
-banded scans whose cost per row grows with the block (cache) and whose step count is the block's slowest row: 2,000 x
-10,000-frame traces, 2 threads, 64 rows 35.4 vs 256 rows 29.7 traces/s. AR(1) gains from XLA's own threads on larger
+banded scans whose cost per row grows with the block (cache) and whose step count is the block's slowest row (512 x
+10,000-frame traces, 2 threads: 64 rows 35.4 vs 256 rows 29.7 traces/s). AR(1) gains from XLA's own threads on larger
 blocks (1,000 x 10,000, 2 threads: 128 rows 300, 512 rows 330 traces/s)."""
 
 
