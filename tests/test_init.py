@@ -16,6 +16,8 @@ from jaxcnmf.init import (
     _peak_above_slow,
     _prepare,
     background_hals,
+    bin_frames,
+    default_tsub,
     gaussian_blur,
     gaussian_kernel1d,
     greedy_init,
@@ -23,6 +25,7 @@ from jaxcnmf.init import (
     score_filter,
     score_kernels,
     sparse_nmf_init,
+    unbin_traces,
 )
 
 
@@ -57,6 +60,36 @@ def test_greedy_finds_every_active_neuron_and_stops_by_itself(small_sim):
     np.testing.assert_allclose(np.linalg.norm(np.asarray(res.A), axis=0), 1.0, rtol=1e-4)
     assert float(res.A.min()) >= 0 and float(res.C.min()) >= 0 and float(res.b.min()) >= 0
     np.testing.assert_allclose(float(jnp.mean(res.f)), 1.0, rtol=1e-4)
+
+
+def test_bin_frames_and_unbin_traces_against_plain_loops():
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((11, 4, 5)).astype(np.float32)
+    ref = np.stack([Y[j : j + 3].mean(axis=0) for j in range(0, 11, 3)])  # 4 bins, the last of 2 frames
+    np.testing.assert_allclose(bin_frames(Y, 3, block=40), ref, rtol=1e-6)  # blocks of 2 bins
+    np.testing.assert_array_equal(bin_frames(Y, 1), Y)
+    X = rng.random((2, 4)).astype(np.float32)
+    centres = np.array([1.0, 4.0, 7.0, 9.5])  # bin centres of frames 0-2, 3-5, 6-8, 9-10
+    out = np.asarray(unbin_traces(X, 11, 3))
+    for i in range(2):
+        np.testing.assert_allclose(out[i], np.interp(np.arange(11), centres, X[i]), rtol=1e-6)
+    assert out.shape == (2, 11) and out.min() >= 0
+    assert default_tsub(3000, 3) == 3 and default_tsub(400, 3) == 1 and default_tsub(3000, 1) == 1
+
+
+def test_greedy_on_binned_frames_finds_the_same_neurons(small_sim):
+    movie, truth, snr = small_sim
+    res = greedy_init(movie, 4.0, tsub=2)
+    assert res.C.shape == (res.A.shape[1], 400) and res.f.shape == (1, 400)  # traces back at every frame
+    D = _distances(np.asarray(res.centers), truth.centers)
+    findable = snr >= 2.0
+    assert np.all(D[:, findable].min(axis=0) <= 2.0), D.min(axis=0)
+    assert int(np.sum(D.min(axis=1) > 3.0)) <= 2
+    for k in np.flatnonzero(findable):
+        assert np.corrcoef(np.asarray(res.C[int(np.argmin(D[:, k]))]), truth.C[k])[0, 1] > 0.8
+    for bad in (0, 1.5, 200, True, float("nan")):
+        with pytest.raises(ParameterError, match="tsub"):
+            greedy_init(movie, 4.0, tsub=bad)
 
 
 def test_greedy_respects_K_and_compiles_once(small_sim):
