@@ -30,7 +30,7 @@ OASIS's spikes under `own`, `band`, `freeb` and `detrend` depend only on the tra
 and the oasis-deconv version; `--no-cache` recomputes them). With the cache, a full run is the jaxcnmf part only.
 
 Run from the repository root: `python experiments/bench_spikes_real.py [--sets DS01,spikefinder4] [--p 1,2]
-[--protocols own,band,shared] [--no-cache] [--no-record]`. `--sets` takes substrings of the names (DS01-OGB1-m-V1,
+[--protocols own,band,shared] [--refine-g auto|on|off] [--no-cache] [--no-record]`. `--sets` takes substrings of the names (DS01-OGB1-m-V1,
 DS09-GCaMP6f-m-V1, DS14-GCaMP6s-m-V1, DS21-jGECO1a-m-V1, DS29-GCaMP7f-m-V1, spikefinder4-OGB-1,
 spikefinder5-GCaMP6s, spikefinder6-GCaMP5k). Appends rows to experiments/RESULTS.md.
 """
@@ -113,7 +113,10 @@ def kinetics_ours(recs, p: int, protocol: str):
     return sn, g
 
 
-def run_ours(recs, p: int, protocol: str, s_min: float = 0.0):
+REFINE_G = {"auto": None, "on": True, "off": False}  # --refine-g -> deconvolve_batch(refine_g=...)
+
+
+def run_ours(recs, p: int, protocol: str, s_min: float = 0.0, refine_g=None):
     """jaxcnmf's spikes per trace, the seconds taken, and its (sn, g). Under `own`, `freeb` and `detrend`,
     `deconvolve_batch` estimates sn and g itself (the library's default rule, `deconv._estimate`)."""
     from jaxcnmf.deconv import deconvolve_batch
@@ -123,9 +126,9 @@ def run_ours(recs, p: int, protocol: str, s_min: float = 0.0):
     t0 = time.perf_counter()
     if protocol in ("band", "shared"):
         sn, g = kinetics_ours(recs, p, protocol)
-        res = deconvolve_batch(Y, g, sn, length=lengths, p=p, s_min=s_min, baseline=baseline)
+        res = deconvolve_batch(Y, g, sn, length=lengths, p=p, s_min=s_min, baseline=baseline, refine_g=refine_g)
     else:
-        res = deconvolve_batch(Y, length=lengths, p=p, s_min=s_min, baseline=baseline)
+        res = deconvolve_batch(Y, length=lengths, p=p, s_min=s_min, baseline=baseline, refine_g=refine_g)
     S = np.asarray(res.s)
     seconds = time.perf_counter() - t0
     return [S[i, : r.y.size] for i, r in enumerate(recs)], seconds, (np.asarray(res.sn), np.asarray(res.g))
@@ -199,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--protocols", default="own,band,shared,freeb,detrend",
                     help="subset of own,band,shared,freeb,detrend")
     ap.add_argument("--s-min", type=float, default=0.0, help="minimum spike size for both tools (default 0)")
+    ap.add_argument("--refine-g", choices=sorted(REFINE_G), default="auto",
+                    help="jaxcnmf's refine_g: auto (the library default: estimated AR(1) kernels), on, off")
     ap.add_argument("--no-cache", action="store_true", help="recompute OASIS's results instead of reading the cache")
     ap.add_argument("--note", default="", help="free text added to the machine column of RESULTS.md")
     ap.add_argument("--no-record", action="store_true", help="do not append to experiments/RESULTS.md")
@@ -222,18 +227,18 @@ def main(argv=None) -> int:
             for protocol in protocols:
                 recs = detrended(raw) if protocol == "detrend" else raw
                 if protocol == "freeb":
-                    S_j, t_ours, _ = run_ours(recs, p, "freeb", args.s_min)
+                    S_j, t_ours, _ = run_ours(recs, p, "freeb", args.s_min, REFINE_G[args.refine_g])
                     r_ours = median_corr(recs, S_j)
                     S_o, t_o = run_oasis_cached(name, recs, p, "freeb", args.s_min, not args.no_cache)
                 elif protocol == "shared":
                     if shared is None:
-                        S_j, t_ours, shared = run_ours(recs, p, "band", args.s_min)
+                        S_j, t_ours, shared = run_ours(recs, p, "band", args.s_min, REFINE_G[args.refine_g])
                         r_ours = median_corr(recs, S_j)
                     else:
                         r_ours, t_ours = rows_lookup(rows, name, p, "band"), float("nan")
                     S_o, t_o = run_oasis(recs, p, "shared", shared, args.s_min)
                 else:
-                    S_j, t_ours, kin = run_ours(recs, p, protocol, args.s_min)
+                    S_j, t_ours, kin = run_ours(recs, p, protocol, args.s_min, REFINE_G[args.refine_g])
                     if protocol == "band":
                         shared = kin
                     r_ours = median_corr(recs, S_j)
