@@ -691,9 +691,9 @@ def greedy_init(
 
     0. Frames are averaged in bins of `tsub` (by default `n_smooth`, the frames the peak score averages anyway);
        steps 1-5 run on the binned movie, and the traces C and f are interpolated back to every frame at the end.
-       Binning by 3 at 30 Hz cut the initialisation's time 2.5x (38 -> 15 s on one core) and did not lose accuracy:
-       simulated 256x256x3000 (150 neurons, peak SNR 4) F1 0.961 / calcium corr 0.992 / spike corr 0.883 vs 0.952 / 0.992 /
-       0.878 unbinned (the fit after it refits every trace at the full rate).
+       Binning by 3 at 30 Hz cut the initialisation's time 2.5x (38 -> 15 s on one core) and did not lose
+       accuracy: simulated 256x256x3000 (150 neurons, peak SNR 4) F1 0.961 / calcium corr 0.992 / spike corr 0.883
+       vs 0.952 / 0.992 / 0.878 unbinned (the fit after it refits every trace at the full rate).
     1. R = Y minus each pixel's temporal median (over at most 1000 evenly spaced frames); B = R with every frame
        filtered by a Gaussian of sd `sigma` minus its mean over a (2 window + 1)^2 square (`score_kernels`: a
        centre-surround filter, so smooth background and neuropil fluctuations do not look like neurons).
@@ -778,7 +778,8 @@ def greedy_init(
         raise ParameterError(f"n_slow={n_slow!r}: the half-width of the slow running mean must be >= 1 frame.")
     if tsub is None:
         tsub = default_tsub(T, n_smooth)
-    whole = isinstance(tsub, (int, float, np.integer, np.floating)) and not isinstance(tsub, bool) and math.isfinite(tsub) and tsub == int(tsub)
+    whole = isinstance(tsub, (int, float, np.integer, np.floating)) and not isinstance(tsub, bool)
+    whole = whole and math.isfinite(tsub) and tsub == int(tsub)
     if not (whole and 1 <= tsub <= max(1, T // 3)):
         raise ParameterError(f"tsub={tsub!r}: frames per bin must be an integer from 1 to T / 3 ({T // 3}).")
     tsub = int(tsub)
