@@ -66,6 +66,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .errors import ParameterError, TraceError
+from . import noise
+from .noise import _roots_to_ar, ar_roots
 
 __all__ = ["DeconvResult", "deconvolve", "deconvolve_batch"]
 
@@ -998,14 +1000,6 @@ def _golden(f, lo, hi, steps: int):
     return jnp.where(f1 < f2, x1, x2)
 
 
-def _ar_roots(g):
-    """(decay, rise) roots of z^2 - g1 z - g2 (rise 0 for AR(1))."""
-    g1 = g[0]
-    g2 = g[1] if g.shape[0] == 2 else jnp.zeros((), g.dtype)
-    disc = jnp.sqrt(jnp.maximum(g1 * g1 + 4 * g2, 0))
-    return (g1 + disc) / 2, (g1 - disc) / 2
-
-
 def _refine_g(y, g, s, b, c1, lam, length, *, c1_free: bool, steps: int = REFINE_STEPS):
     """AR coefficients refitted to a first solution: with its spike support, baseline and lam held fixed, the decay
     time minimising `_support_rss` (golden section over log decay time in `REFINE_RANGE` times the starting one).
@@ -1024,7 +1018,8 @@ def _refine_g(y, g, s, b, c1, lam, length, *, c1_free: bool, steps: int = REFINE
     y, g, s, b, c1, lam = (jax.lax.stop_gradient(v) for v in (y, g, s, b, c1, lam))
     dt = g.dtype
     support = s > 0
-    decay, rise = _ar_roots(g)
+    roots = ar_roots(g)
+    decay, rise = roots[0], (roots[1] if g.shape[0] == 2 else None)
     log_tau = jnp.log(-1 / jnp.log(decay))  # decay time in frames
     lo, hi = log_tau + np.log(REFINE_RANGE[0]), log_tau + np.log(REFINE_RANGE[1])
     if g.shape[0] == 2:  # the decay stays the slower root
@@ -1032,7 +1027,7 @@ def _refine_g(y, g, s, b, c1, lam, length, *, c1_free: bool, steps: int = REFINE
 
     def coefficients(lt):
         d = jnp.exp(-1 / jnp.exp(lt))
-        return jnp.stack([d + rise, -d * rise]) if g.shape[0] == 2 else d[None]
+        return _roots_to_ar(jnp.stack([d, rise]) if g.shape[0] == 2 else d[None])
 
     lt = _golden(lambda lt: _support_rss(y, coefficients(lt), support, b, c1, lam, length, c1_free=c1_free), lo, hi,
                  steps)
@@ -1138,8 +1133,6 @@ def _estimate(Y: np.ndarray, g, sn, p: int, length: np.ndarray):
     DS09 0.381 -> 0.336 (OASIS 0.348 / 0.363), so it is off for AR(2) unless asked for; refitting both roots, or one
     common time scale, or with lam = 0, or a second round, was no better.
     """
-    from . import noise  # the noise helper module; imported here so deconv works on its own when g and sn are given
-
     if sn is None:
         sn = np.asarray(noise.estimate_noise(Y, freq_range="auto", length=length, method=TRACE_NOISE_METHOD))
     if g is None:

@@ -14,6 +14,7 @@ import _reference as R
 from jaxcnmf import deconv
 from jaxcnmf.deconv import DeconvResult, deconvolve, deconvolve_batch
 from jaxcnmf.errors import ParameterError, TraceError
+from jaxcnmf.noise import ar_roots
 
 AR1 = (0.95,)
 AR2 = (1.6, -0.63)  # roots 0.9 and 0.7
@@ -403,6 +404,12 @@ def _dense_support_rss(y, g, support, b, lam):
     return r @ r
 
 
+def _roots64(g) -> np.ndarray:
+    """The kernel's roots (decay first) in float64."""
+    with jax.enable_x64(True):
+        return np.asarray(ar_roots(np.asarray(g, np.float64)))
+
+
 @pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
 def test_refine_g_matches_dense_reference(g):
     """float64: _support_rss equals a dense least-squares reference, and _refine_g's decay time is the minimiser of
@@ -410,7 +417,7 @@ def test_refine_g_matches_dense_reference(g):
     rng = np.random.default_rng(21)
     T = 300
     y = R.simulate_trace(rng, T, g, 0.2, rate=0.04, b=0.5)
-    decay, rise = (float(v) for v in deconv._ar_roots(np.asarray(g)))
+    decay, rise = (float(v) for v in np.append(_roots64(g), 0.0)[:2])  # rise 0 for AR(1)
     start = np.exp(-1 / (-1.5 / np.log(decay)))  # decay time 1.5x the truth
     g0 = np.array([start + rise, -start * rise]) if len(g) == 2 else np.array([start])
     with jax.enable_x64(True):
@@ -432,11 +439,11 @@ def test_refine_g_matches_dense_reference(g):
     kernels = [np.array([np.exp(-1 / t) + rise, -np.exp(-1 / t) * rise]) if len(g) == 2 else np.array([np.exp(-1 / t)])
                for t in taus]
     rss = np.array([_dense_support_rss(y, k, support, b, lam) for k in kernels])
-    tau_got = -1 / np.log(float(deconv._ar_roots(g_ref)[0]))
+    tau_got = -1 / np.log(float(_roots64(g_ref)[0]))
     assert tau_got == pytest.approx(taus[np.argmin(rss)], rel=0.01)
     assert _dense_support_rss(y, g_ref, support, b, lam) <= rss.min() * (1 + 1e-4)
     if len(g) == 2:
-        assert float(deconv._ar_roots(g_ref)[1]) == pytest.approx(rise, rel=1e-9)  # the rise root is kept
+        assert float(_roots64(g_ref)[1]) == pytest.approx(rise, rel=1e-9)  # the rise root is kept
 
 
 @pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
@@ -448,7 +455,7 @@ def test_refine_g_moves_toward_the_truth_and_stays_exact(g):
     # noise levels where the refitted kernel can meet the budget (at sn = 0.1 the AR(2) refit, whose rise root is kept
     # from the start, misfits by more than the noise: lam = 0, the documented infeasible case)
     Y, sns = _batch(rng, g, lengths, (0.3, 0.5))
-    decay, rise = (float(v) for v in deconv._ar_roots(np.asarray(g)))
+    decay, rise = (float(v) for v in np.append(_roots64(g), 0.0)[:2])  # rise 0 for AR(1)
     tau_true = -1 / np.log(decay)
     start = np.exp(-1 / (1.6 * tau_true))
     g0 = np.array([start + rise, -start * rise]) if len(g) == 2 else np.array([start])
@@ -457,7 +464,7 @@ def test_refine_g_moves_toward_the_truth_and_stays_exact(g):
     errors = []
     for i, L in enumerate(lengths):
         gi = np.asarray(out.g[i], np.float64)
-        tau = -1 / np.log(float(deconv._ar_roots(gi)[0]))
+        tau = -1 / np.log(float(_roots64(gi)[0]))
         errors.append(abs(np.log(tau / tau_true)))
         assert errors[-1] < 0.8 * np.log(1.6), (i, tau, tau_true)
         row = jax.tree_util.tree_map(lambda v: v[i : i + 1], out)
