@@ -104,7 +104,8 @@ def _band_periodogram(y: jax.Array, freq_range, length=None) -> jax.Array:
             "use longer traces (at least 4 frames) or a wider freq_range."
         )
     yc, n = _masked_centred(y, length)
-    spec = jnp.fft.rfft(yc, axis=-1)[..., bins]
+    # the band is a run of consecutive bins: a slice, not a gather (which took 60 % of a 256-pixel block's time)
+    spec = jnp.fft.rfft(yc, axis=-1)[..., int(bins[0]) : int(bins[-1]) + 1]
     return (2.0 / n[..., None]) * (spec.real**2 + spec.imag**2)
 
 
