@@ -135,17 +135,6 @@ def gaussian_blur(frames: jax.Array, kernel: jax.Array) -> jax.Array:
     return _taps_along(_taps_along(frames, k, -1), k, -2)
 
 
-def _mad_noise_of_differences(x: jax.Array, axis: int = 0, max_samples: int = 1000) -> jax.Array:
-    """Robust noise sd from first differences: median(|diff|) / 0.6745 / sqrt(2) (white noise; transients are rare).
-
-    The median is taken over at most `max_samples` evenly spaced differences (plenty for a noise level, and it keeps
-    the sort cheap on long movies).
-    """
-    d = jnp.abs(jnp.diff(x, axis=axis))
-    d = _evenly_spaced(d, max_samples, axis)
-    return jnp.median(d, axis=axis) / (0.6744897501960817 * math.sqrt(2.0))
-
-
 def _evenly_spaced(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
     """At most n evenly spaced slices of x along `axis` (all of x when it is short enough)."""
     L = x.shape[axis]
@@ -183,7 +172,8 @@ def rank1_nmf(X: jax.Array, a0: jax.Array, n_iter: int, nonneg_c: bool = True) -
 
 
 def window_rank1(
-    X: jax.Array, ring: jax.Array, inside: jax.Array, a0: jax.Array, n_iter: int, support: jax.Array | None = None
+    X: jax.Array, ring: jax.Array, inside: jax.Array, a0: jax.Array, n_iter: int, support: jax.Array | None = None,
+    baseline: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Rank-1 fit of one window after removing its local background: X - h 1' ~ c a' on the pixels inside the image.
 
@@ -198,12 +188,14 @@ def window_rank1(
     fire a handful of times); the disc keeps the fit on the neuron while the wider window still gives the ring.
 
     **Arguments:** `X` (T, n) window data; `ring` (m,) int indices of the border pixels; `inside` (n,) bool pixels
-    inside the image; `a0` (n,) start; `n_iter` alternations; `support` (n,) bool pixels a may use (None: all).
+    inside the image; `a0` (n,) start; `n_iter` alternations; `support` (n,) bool pixels a may use (None: all);
+    `baseline` (T,) h computed beforehand (the greedy init takes the ring medians on the host, `_ring_medians`);
+    None: `ring_median` here.
 
     **Returns:** `(a, c)` as `rank1_nmf`, a zero outside the image and the support.
     """
     use = inside[ring]
-    h = ring_median(X[:, ring], use)
+    h = ring_median(X[:, ring], use) if baseline is None else baseline
     h = jnp.where(jnp.any(use), h, 0.0)
     Xc = jnp.where(inside[None, :], X - h[:, None], 0.0)
     if support is None:
@@ -234,19 +226,41 @@ def ring_median(x: jax.Array, use: jax.Array) -> jax.Array:
     """Median over the last axis of `x` (..., T, m) of the entries where `use` (..., m) is True, as
     `jnp.nanmedian(jnp.where(use, x, nan), axis=-1)` (NaN where no entry is used).
 
-    On the CPU backend it runs on the host through `jax.pure_callback` (numpy's sort of many short rows is ~20x
-    faster than XLA's CPU sort: 0.6 s vs 0.03 s for the 16 windows x 3000 frames x 80 border pixels of one greedy
-    round on 256x256x3000), with jnp.nanmedian's interpolation, so the values are the same bit for bit; elsewhere
-    it is jnp.nanmedian. Not differentiable on the CPU (the initialisation is not differentiated).
+    Pure XLA (jit/vmap safe, on every backend). The greedy initialisation does not call it inside its jitted round on
+    the CPU: XLA's CPU sort of many short rows is ~20x slower than numpy's (0.6 s vs 0.03 s for the 16 windows x 3000
+    frames x 80 border pixels of one round on 256x256x3000), so it reads the border pixels out, takes the medians on
+    the host (`_ring_median_host`, the same values bit for bit) and passes them in. (A `jax.pure_callback` inside the
+    round did the same until it hung the initialisation twice on a one-core run: CPU async dispatch with host
+    callbacks can deadlock, jax-ml/jax#25861.)
 
     **Arguments:** `x` (..., T, m) floating; `use` (..., m) bool.
 
     **Returns:** (..., T) medians, dtype of `x`.
     """
+    return jnp.nanmedian(jnp.where(use[..., None, :], x, jnp.nan), axis=-1)
+
+
+@partial(jax.jit, static_argnames=("h", "pad"))
+def _ring_pixels(Rp, centres, ring, inside, *, h, pad):
+    """The border-ring pixels of every window of a greedy round: (n, T, m) values of Rp and (n, m) inside flags."""
+    T = Rp.shape[0]
+    w, off = 2 * h + 1, pad - h
+
+    def one(rc):
+        X = lax.dynamic_slice(Rp, (0, rc[0] + off, rc[1] + off), (T, w, w)).reshape(T, w * w)
+        ins = lax.dynamic_slice(inside, (rc[0] + off, rc[1] + off), (w, w)).reshape(w * w)
+        return X[:, ring], ins[ring]
+
+    return jax.vmap(one)(centres)
+
+
+def _ring_medians(Rp, centres, ring, inside, *, h, pad) -> jax.Array:
+    """`ring_median` of every window of a greedy round, (n, T), where it is fastest: on the host for the CPU backend
+    (between jitted computations, never inside one), else in XLA."""
+    x, use = _ring_pixels(Rp, centres, ring, inside, h=h, pad=pad)
     if jax.default_backend() != "cpu":
-        return jnp.nanmedian(jnp.where(use[..., None, :], x, jnp.nan), axis=-1)
-    out = jax.ShapeDtypeStruct(x.shape[:-1], x.dtype)
-    return jax.pure_callback(_ring_median_host, out, x, use, vmap_method="broadcast_all")
+        return ring_median(x, use)
+    return jnp.asarray(_ring_median_host(np.asarray(jax.block_until_ready(x)), np.asarray(use)))
 
 
 def score_kernels(sigma: float, half: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,8 +281,8 @@ def score_filter(frames: jax.Array, g: jax.Array, box: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("h", "hb", "pad", "n_iter", "n_smooth", "n_slow"), donate_argnums=(0, 1, 2, 3))
 def _greedy_round(
-    Rp, Bp, Ep, Pp, centres, valid, a0, ring, support, inside, g, box, snp, snr_stop, *, h, hb, pad, n_iter, n_smooth,
-    n_slow
+    Rp, Bp, Ep, Pp, centres, valid, a0, ring, support, inside, g, box, snp, snr_stop, ring_med, *, h, hb, pad, n_iter,
+    n_smooth, n_slow
 ):
     """One batched greedy round on the padded working movies (all windows the same size: one compiled shape).
 
@@ -278,7 +292,8 @@ def _greedy_round(
     padding); a0 (w*w,) start footprint;
     ring (m,) int indices of the window's border pixels; support (w*w,) bool pixels the footprint may use;
     inside (H+2pad, W+2pad) bool image pixels; g, box the score filter's taps;
-    snp (H+2pad, W+2pad) noise of B; snr_stop the eligibility level.
+    snp (H+2pad, W+2pad) noise of B; snr_stop the eligibility level; ring_med (n, T) each window's border median
+    (`_ring_medians`).
     A fit that lowers its seed's peak-to-noise by less than snr_stop / 2 is dropped (it fitted something else).
     Returns updated (Rp, Bp, Ep, Pp), the fitted (a (n, w, w), c (n, T)) with a c' subtracted (zero where dropped),
     each trace's baseline q (n,) (its 20th percentile), and the kept flags (n,).
@@ -296,7 +311,8 @@ def _greedy_round(
 
     X = jax.vmap(window)(centres)
     ins = jax.vmap(window_inside)(centres)
-    a, c = jax.vmap(window_rank1, in_axes=(0, None, 0, None, None, None))(X, ring, ins, a0, n_iter, support)
+    a, c = jax.vmap(window_rank1, in_axes=(0, None, 0, None, None, None, 0))(X, ring, ins, a0, n_iter, support,
+                                                                             ring_med)
     # filtered footprint, in the larger window that the filter can reach
     a_big = jnp.pad(a.reshape(-1, w, w), ((0, 0), (hb - h, hb - h), (hb - h, hb - h)))
     ab = score_filter(a_big, g, box)
@@ -377,13 +393,19 @@ def _fill_frames(Rp, Bp, Yb, median, g, box, t0):
     return Rp, Bp
 
 
+# frames sampled for the host medians of `_prepare` (median image, noise of B): 1000 -> 400 took the warm
+# initialisation of 256x256x3000 (binned to 1000 frames) from 17.4 to 11.9 s on one core with the same 159 components
+# (P 0.925 R 0.980 against the truth); the sample median's sd is 1.25 / sqrt(400) = 0.06 of the noise sd
+MEDIAN_SAMPLES = 400
+
+
 @partial(jax.jit, static_argnames=("pad", "W", "rows", "n_smooth", "n_slow"))
 def _score_rows(Bp, r0, *, pad, W, rows, n_smooth, n_slow):
-    """Energy sum_t B^2, transient peak (`_peak_above_slow`) and |diff B| at up to 1000 evenly spaced frames, for
+    """Energy sum_t B^2, transient peak (`_peak_above_slow`) and |diff B| at up to MEDIAN_SAMPLES evenly spaced frames, for
     the image rows r0..r0+rows-1 of the padded filtered movie Bp (whole time series: the peak needs them)."""
     T = Bp.shape[0]
     B = lax.dynamic_slice(Bp, (0, r0 + pad, pad), (T, rows, W))
-    dB = _evenly_spaced(jnp.abs(jnp.diff(B, axis=0)), 1000, 0)
+    dB = _evenly_spaced(jnp.abs(jnp.diff(B, axis=0)), MEDIAN_SAMPLES, 0)
     return jnp.sum(B * B, axis=0), _peak_above_slow(B, n_smooth, n_slow), dB
 
 
@@ -402,14 +424,14 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
     """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps.
 
     Medians run on the host (numpy's selection is many times faster than a sort on XLA's CPU backend): the median
-    image over at most 1000 evenly spaced frames, B's noise as median(|diff B|) / 0.6745 / sqrt 2.
+    image over at most MEDIAN_SAMPLES (400) evenly spaced frames, B's noise as median(|diff B|) / 0.6745 / sqrt 2.
     Everything is computed by blocks of about `block` elements, so the memory used on top of the movie Y (numpy or
     jax, (T, H, W)) is the padded Rp and Bp and a few blocks: R and B frame by frame, written into preallocated
     Rp and Bp; the per-pixel energy, peak and noise (which need whole time series) by blocks of image rows.
     """
     T, H, W = Y.shape
     dtype = Y.dtype
-    step = 1 if T <= 1000 else -(-T // 1000)  # the frames of `_evenly_spaced(Y, 1000)`
+    step = 1 if T <= MEDIAN_SAMPLES else -(-T // MEDIAN_SAMPLES)  # as `_evenly_spaced(Y, MEDIAN_SAMPLES)`
     rows = int(min(H, max(1, block // max(1, T * W))))
     median = np.empty((H, W), dtype)
     for r0 in range(0, H, rows):
@@ -694,7 +716,7 @@ def greedy_init(
        Binning by 3 at 30 Hz cut the initialisation's time 2.5x (38 -> 15 s on one core) and did not lose
        accuracy: simulated 256x256x3000 (150 neurons, peak SNR 4) F1 0.961 / calcium corr 0.992 / spike corr 0.883
        vs 0.952 / 0.992 / 0.878 unbinned (the fit after it refits every trace at the full rate).
-    1. R = Y minus each pixel's temporal median (over at most 1000 evenly spaced frames); B = R with every frame
+    1. R = Y minus each pixel's temporal median (over at most 400 evenly spaced frames); B = R with every frame
        filtered by a Gaussian of sd `sigma` minus its mean over a (2 window + 1)^2 square (`score_kernels`: a
        centre-surround filter, so smooth background and neuropil fluctuations do not look like neurons).
     2. Per pixel: energy E = sum_t B^2, noise s = robust sd of B's first differences / sqrt 2, and peak-to-noise
@@ -830,9 +852,11 @@ def greedy_init(
         centres = np.zeros((batch, 2), np.int32)
         centres[:n] = chosen
         valid = np.arange(batch) < n
+        centres = jnp.asarray(centres)
+        ring_med = _ring_medians(Rp, centres, ring, inside, h=h, pad=pad)
         Rp, Bp, Ep, Pp, a, c, q, kept = _greedy_round(
-            Rp, Bp, Ep, Pp, jnp.asarray(centres), jnp.asarray(valid), a0, ring, support, inside, g, box, snp,
-            jnp.asarray(snr_stop, dtype), h=h, hb=hb, pad=pad,
+            Rp, Bp, Ep, Pp, centres, jnp.asarray(valid), a0, ring, support, inside, g, box, snp,
+            jnp.asarray(snr_stop, dtype), ring_med, h=h, hb=hb, pad=pad,
             n_iter=int(max_iter_rank1), n_smooth=n_smooth, n_slow=n_slow,
         )
         E = np.asarray(Ep[pad : pad + H, pad : pad + W])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from jaxcnmf import init
 from jaxcnmf.errors import MovieError, ParameterError
 from jaxcnmf.init import (
     _greedy_background,
@@ -155,16 +156,18 @@ def test_prepare_by_blocks_matches_the_whole_movie_float64_reference():
     """`_prepare` works by blocks of frames (R, B) and of image rows (energy, peak, noise of B); whatever the block
     size (several blocks, the last one overlapping) it gives what the formulas give on the whole movie at once."""
     rng = np.random.default_rng(5)
-    T, H, W, n_smooth, n_slow = 1103, 19, 23, 3, 60  # T > 1000: the median and |diff B| use every 2nd frame
+    T, H, W, n_smooth, n_slow = 1103, 19, 23, 3, 60  # T > MEDIAN_SAMPLES: the medians use every step-th frame
+    step = -(-T // init.MEDIAN_SAMPLES)
+    assert step > 1
     Y = (100.0 + 10.0 * rng.standard_normal((T, H, W)) + 50.0 * (rng.random((T, H, W)) < 0.01)).astype(np.float32)
     g_np, box_np = score_kernels(1.5, 4)
     pad = 4 + g_np.size // 2
     with jax.enable_x64(True):
-        median = np.median(Y[::2], axis=0)
+        median = np.median(Y[::step], axis=0)
         R = jnp.asarray(Y, jnp.float64) - median
         B = score_filter(R, jnp.asarray(g_np), jnp.asarray(box_np))
         E, P = jnp.sum(B * B, axis=0), _peak_above_slow(B, n_smooth, n_slow)
-        sn = np.median(np.abs(np.diff(np.asarray(B), axis=0))[::2], axis=0) / (0.6744897501960817 * np.sqrt(2.0))
+        sn = np.median(np.abs(np.diff(np.asarray(B), axis=0))[::step], axis=0) / (0.6744897501960817 * np.sqrt(2.0))
         R, B, E, P = (np.asarray(x) for x in (R, B, E, P))
     g, box = jnp.asarray(g_np, jnp.float32), jnp.asarray(box_np, jnp.float32)
     inner = (slice(None), slice(pad, pad + H), slice(pad, pad + W))
@@ -299,10 +302,11 @@ def test_greedy_finds_the_active_cells_of_a_real_movie():
 
 
 def test_ring_median_and_max0_equal_the_jnp_reductions_bit_for_bit():
-    # the greedy round's border median runs on the host (numpy sort) and its peaks take the max over frames by a
-    # scan (both for speed on XLA's CPU backend): the values must stay exactly those of jnp.nanmedian / jnp.max,
-    # with masked entries (windows at the image border), an odd and an even number of used entries, and under vmap
-    from jaxcnmf.init import _max0, ring_median
+    # the greedy round's border median runs on the host (numpy sort, between jitted steps) and its peaks take the
+    # max over frames by a scan (both for speed on XLA's CPU backend): the values must stay exactly those of
+    # jnp.nanmedian / jnp.max, with masked entries (windows at the image border), an odd and an even number of used
+    # entries, and under vmap
+    from jaxcnmf.init import _max0, _ring_median_host, ring_median
 
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((5, 300, 40)), jnp.float32)
@@ -315,5 +319,6 @@ def test_ring_median_and_max0_equal_the_jnp_reductions_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(jax.jit(ring_median)(x, use)), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(ring_median))(x, use)), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(ring_median(x[0], use[0])), np.asarray(ref[0]))
+    np.testing.assert_array_equal(_ring_median_host(np.asarray(x), np.asarray(use)), np.asarray(ref))
     for arr in (x, x[:, :, 0]):
         np.testing.assert_array_equal(np.asarray(jax.jit(_max0)(arr * 2.0)), np.asarray(jnp.max(arr * 2.0, axis=0)))
