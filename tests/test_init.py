@@ -16,6 +16,8 @@ from jaxcnmf.init import (
     _greedy_round,
     _peak_above_slow,
     _prepare,
+    _rescore_window,
+    _window_of,
     background_hals,
     bin_frames,
     default_tsub,
@@ -95,12 +97,13 @@ def test_greedy_on_binned_frames_finds_the_same_neurons(small_sim):
 
 def test_greedy_respects_K_and_compiles_once(small_sim):
     movie, _, _ = small_sim
-    before = _greedy_round._cache_size()
+    jitted = (_greedy_round, _window_of, _rescore_window)
+    before = [f._cache_size() for f in jitted]
     res = greedy_init(movie, 4.0, K=7, batch=3)  # three rounds: 3 + 3 + 1 components
     assert res.A.shape[1] == 7
     res2 = greedy_init(movie[::-1].copy(), 4.0, K=5, batch=3)  # two more rounds, same shapes
     assert res2.A.shape[1] == 5
-    assert _greedy_round._cache_size() - before <= 1
+    assert all(f._cache_size() - b <= 1 for f, b in zip(jitted, before)), [f._cache_size() for f in jitted]
 
 
 def test_greedy_on_pure_noise_finds_almost_nothing():
