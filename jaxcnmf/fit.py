@@ -362,6 +362,23 @@ def _aligned_empty(shape: tuple[int, ...], dtype=np.float32, align: int = 64) ->
     return raw[off : off + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
+_TRANSPOSE_TILE = 64  # side of the square tiles of `_transpose_into`
+
+
+def _transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = _TRANSPOSE_TILE) -> None:
+    """dst[...] = src.T, copied by square tiles of `tile` x `tile` (src (T, n), dst (n, T)).
+
+    numpy copies a transposed view one destination row at a time, reading the source down a column: at a stride of
+    a whole frame every element is a new cache line (and often a new page), and transposing a 256x256x3000 movie
+    took 2.9 s. Tiles of 64 x 64 (16 kB) stay in the L1 cache: 1.3 s on the same 2-core box, the same values.
+    """
+    T, n = src.shape
+    for p0 in range(0, n, tile):
+        d, s = dst[p0 : p0 + tile], src[:, p0 : p0 + tile]
+        for t0 in range(0, T, tile):
+            d[:, t0 : t0 + tile] = s[t0 : t0 + tile].T
+
+
 def _pixels_by_frames(Y, block: int = 1 << 22):
     """The (d, T) = (H*W, T) jax copy Yr of a (T, H, W) movie, built by blocks of pixels without other whole copies.
 
@@ -381,8 +398,8 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
     Yr = _aligned_empty((H * W, T), np.dtype(Y.dtype))
     rows = max(1, block // max(T * W, 1))  # blocks of image rows: only a block is copied, even from a strided view
     for r0 in range(0, H, rows):
-        part = np.asarray(Y[:, r0 : r0 + rows])
-        Yr[r0 * W : r0 * W + part.shape[1] * W] = part.reshape(T, -1).T
+        part = np.asarray(Y[:, r0 : r0 + rows]).reshape(T, -1)
+        _transpose_into(Yr[r0 * W : r0 * W + part.shape[1]], part)
     try:
         return jax.device_put(Yr, may_alias=True)
     except TypeError:  # older jax without may_alias: one copy

@@ -150,6 +150,16 @@ def test_pixels_by_frames_is_the_exact_transpose_without_a_copy():
             np.testing.assert_array_equal(np.asarray(Yr), np.ascontiguousarray(Y).reshape(37, 35).T)
 
 
+def test_tiled_transpose_is_exact_with_ragged_tiles():
+    from jaxcnmf.fit import _transpose_into
+
+    src = np.random.default_rng(1).standard_normal((37, 35)).astype(np.float32)
+    for tile in (1, 4, 8, 64):  # many tiles with short last ones, and one tile larger than the array
+        dst = np.full((35, 37), np.nan, np.float32)
+        _transpose_into(dst, src, tile=tile)
+        np.testing.assert_array_equal(dst, src.T)
+
+
 def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
     from jaxcnmf.cli import main
 
