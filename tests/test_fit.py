@@ -160,6 +160,52 @@ def test_tiled_transpose_is_exact_with_ragged_tiles():
         np.testing.assert_array_equal(dst, src.T)
 
 
+def test_dropping_a_mixture_refits_only_its_neighbours_and_equals_a_full_refit():
+    """The final check drops mixtures and refits the traces of the components overlapping them only. Components that
+    overlap no dropped one see the same raw traces, so a full refit (same g, f fixed) would give them their old
+    values: the local refit must equal the full one everywhere and leave the others' fields exactly as they were."""
+    from jaxcnmf.fit import _drop_and_refit_neighbours
+    from jaxcnmf.temporal import update_temporal
+
+    rng = np.random.default_rng(3)
+    H = W = 32
+    T = 500
+    yy, xx = np.mgrid[:H, :W]
+    centres = [(8, 8), (8, 13), (8, 24), (22, 6), (24, 18), (23, 27), (8, 10)]  # 0, 1 overlap; 6 lies across both
+    A = np.stack([np.where((a := np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 8.0)) > 0.05, a, 0.0).ravel()
+                  for r, c in centres], axis=1)
+    A /= np.linalg.norm(A, axis=0)
+    d_, r_ = np.exp(-1 / 20.0), np.exp(-1 / 2.0)
+    g = np.array([d_ + r_, -d_ * r_])
+    from scipy.signal import lfilter
+
+    S = (rng.random((6, T)) < 0.03) * 3.0
+    C = lfilter([1.0], np.r_[1.0, -g], S, axis=1)
+    C = np.vstack([C, 0.5 * (C[0] + C[1])])  # the mixture's trace: half of each neighbour's
+    b = np.ones((H * W, 1))
+    f = np.ones((1, T))
+    Y = (A[:, :6] @ C[:6] + b @ f + 0.2 * rng.normal(size=(H * W, T))).astype(np.float32)
+    A, C, b, f = (np.asarray(x, np.float32) for x in (A, C, b, f))
+    prm = Params(neuron_radius=3.0)
+    tr = update_temporal(Y, A, C, b, f, p=2)
+    drop = np.zeros(7, bool)
+    drop[6] = True
+    A2, C2, tr2 = _drop_and_refit_neighbours(Y, A, np.asarray(tr.C), b, tr.f, tr, drop, prm)
+    keep = np.arange(6)
+    full = update_temporal(Y, A[:, keep], np.asarray(tr.C)[keep], b, tr.f, g=tr.g[keep], p=2, update_f=False)
+    np.testing.assert_array_equal(np.asarray(A2), A[:, keep])
+    for name in ("C", "S", "YrA", "baseline", "c1", "lam", "sn"):
+        np.testing.assert_allclose(np.asarray(getattr(tr2, name)), np.asarray(getattr(full, name)), rtol=1e-4,
+                                   atol=1e-4 * float(np.abs(np.asarray(getattr(full, name))).max()), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(C2), np.asarray(tr2.C))
+    untouched = np.arange(2, 6)
+    for name in ("C", "S", "g", "baseline", "c1", "lam", "sn"):
+        np.testing.assert_array_equal(np.asarray(getattr(tr2, name))[untouched],
+                                      np.asarray(getattr(tr, name))[untouched], err_msg=name)
+    # the neighbours did change: each takes back the half of its trace the mixture held
+    assert not np.allclose(np.asarray(tr2.C)[:2], np.asarray(tr.C)[:2])
+
+
 def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
     from jaxcnmf.cli import main
 
