@@ -565,6 +565,30 @@ def default_snr_stop(T: int, H: int, W: int, sigma: float, false_alarms: float =
     return float(u)
 
 
+def _embed_windows(windows: np.ndarray, corners, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """Footprints A (d, K) from the greedy round's (K, w, w) windows, window k centred on pixel `corners[k]` (its
+    top-left corner sits at that pixel minus w // 2; the parts outside the image are cut off), and their centres of
+    mass as `_centres_of_mass` computes them, from the windows alone (no pass over the (d, K) array: on 256x256 with
+    159 components the dense embedding and centres took 0.5 s of the initialisation)."""
+    K, w, _ = windows.shape
+    h = w // 2
+    A = np.zeros((H * W, K), windows.dtype)
+    centers = np.zeros((K, 2), np.float32)
+    for k, (r0, c0) in enumerate(corners):
+        top, left = r0 - h, c0 - h
+        i0, i1 = max(0, -top), min(w, H - top)
+        j0, j1 = max(0, -left), min(w, W - left)
+        win = windows[k, i0:i1, j0:j1]
+        rows = np.arange(top + i0, top + i1)
+        cols = np.arange(left + j0, left + j1)
+        A[(rows[:, None] * W + cols[None, :]).ravel(), k] = win.ravel()
+        wgt = np.asarray(win, np.float64)
+        wgt = np.where(wgt >= 0.3 * wgt.max(initial=0.0), wgt, 0.0)
+        tot = max(wgt.sum(), 1e-300)
+        centers[k] = (rows @ wgt.sum(axis=1) / tot, wgt.sum(axis=0) @ cols / tot)
+    return A, centers
+
+
 def _centres_of_mass(A: jax.Array, H: int, W: int) -> np.ndarray:
     """(K, 2) float32 (row, col) centre of mass of each column of A (d, K), weighted by a_k above 30% of its max."""
     wgt = np.asarray(A, np.float64)
@@ -900,13 +924,9 @@ def greedy_init(
     Kf = len(found_rc)
     d = H * W
     if Kf:
-        windows = np.asarray(jnp.stack(found_a))  # (K, w, w)
-        Ak = np.zeros((Kf, H + 2 * h, W + 2 * h), windows.dtype)
-        for k, (r0, c0) in enumerate(found_rc):
-            Ak[k, r0 : r0 + w, c0 : c0 + w] = windows[k]
-        A = jnp.asarray(Ak[:, h : h + H, h : h + W].reshape(Kf, d).T)
+        A, centers = _embed_windows(np.asarray(jnp.stack(found_a)), found_rc, H, W)
+        A = jnp.asarray(A)
         C = jnp.stack(found_c)
-        centers = _centres_of_mass(A, H, W)
     else:
         A = jnp.zeros((d, 0), dtype)
         C = jnp.zeros((0, T), dtype)

@@ -325,3 +325,23 @@ def test_ring_median_and_max0_equal_the_jnp_reductions_bit_for_bit():
     np.testing.assert_array_equal(_ring_median_host(np.asarray(x), np.asarray(use)), np.asarray(ref))
     for arr in (x, x[:, :, 0]):
         np.testing.assert_array_equal(np.asarray(jax.jit(_max0)(arr * 2.0)), np.asarray(jnp.max(arr * 2.0, axis=0)))
+
+
+def test_embedding_windows_equals_the_dense_placement_and_its_centres_of_mass():
+    """`_embed_windows` writes each round's (w, w) window into A (d, K) (cut at the image's edges) and takes the
+    centres from the windows: both must equal placing the windows in a padded stack and reducing the dense A."""
+    from jaxcnmf.init import _centres_of_mass, _embed_windows
+
+    rng = np.random.default_rng(0)
+    H, W, h, K = 40, 37, 5, 30
+    w = 2 * h + 1
+    win = (rng.random((K, w, w)) * (rng.random((K, w, w)) < 0.7)).astype(np.float32)
+    corners = [(int(rng.integers(0, H)), int(rng.integers(0, W))) for _ in range(K)]
+    corners[:3] = [(0, 0), (H - 1, W - 1), (2, W - 3)]  # windows cut by two edges, and by one corner
+    padded = np.zeros((K, H + 2 * h, W + 2 * h), np.float32)
+    for k, (r0, c0) in enumerate(corners):
+        padded[k, r0 : r0 + w, c0 : c0 + w] = win[k]
+    dense = padded[:, h : h + H, h : h + W].reshape(K, -1).T
+    A, centres = _embed_windows(win, corners, H, W)
+    np.testing.assert_array_equal(A, dense)
+    np.testing.assert_allclose(centres, _centres_of_mass(dense, H, W), rtol=0, atol=1e-5)
