@@ -473,7 +473,37 @@ def update_spatial(
     idx, valid = _candidates(search)
     Q, G, rr = spatial_statistics(Yr, C, b, f, block=block)
     budget = sn * sn * T
-    return _solve_all(
-        Q, G, rr, budget, jnp.asarray(idx), jnp.asarray(valid), A, b,
-        n_sweeps=int(n_iter), n_lambda=int(n_lambda), constrained=method == "constrained",
-    )
+    kw = dict(n_sweeps=int(n_iter), n_lambda=int(n_lambda), constrained=method == "constrained")
+    some = valid.any(axis=1)
+    if some.all():
+        return _solve_all(Q, G, rr, budget, jnp.asarray(idx), jnp.asarray(valid), A, b, **kw)
+    # Pixels outside every search area have only the background terms left (no penalised weight, so their problem
+    # is the nb-term non-negative least squares): solving them with m empty candidate slots cost as much as a real
+    # pixel (57 % of the pixels of simulated 256x256 with 159 components, 0.6 of the 1.1 s per update). They are
+    # solved as (d', nb) problems, the others as (d', m + nb); each set is padded to `pixel_bucket` rows (its first
+    # pixel repeated, not written back) so that similar fits share compiled shapes.
+    A_new = jnp.zeros((d, K), dtype)
+    b_new = b
+    for rows, m in ((np.flatnonzero(some), idx.shape[1]), (np.flatnonzero(~some), 0)):
+        if rows.size == 0:
+            continue
+        n = rows.size
+        rows = np.concatenate([rows, np.full(pixel_bucket(n) - n, rows[0])])
+        r = jnp.asarray(rows)
+        A_r, b_r = _solve_all(Q[r], G, rr[r], budget[r], jnp.asarray(idx[rows, :m]), jnp.asarray(valid[rows, :m]),
+                              A[r], b[r], **kw)
+        if m:  # only the first n rows are written back (the padding gets no gradient)
+            A_new = A_new.at[r[:n]].set(A_r[:n])
+        b_new = b_new.at[r[:n]].set(b_r[:n])
+    return A_new, b_new
+
+
+def pixel_bucket(n: int) -> int:
+    """Rows a set of `n` pixels is padded to in `update_spatial`: the smallest 8 ceil(32 2^(j/4)) >= n, j = 0, 1, ...
+    (steps of at most 19 %, so a few compiled shapes serve fits whose search areas cover somewhat different numbers
+    of pixels)."""
+    size = lambda j: 8 * math.ceil(32 * 2 ** (j / 4))  # noqa: E731
+    j = max(0, math.floor(4 * math.log2(max(n, 1) / 256)))
+    while size(j) < n:
+        j += 1
+    return size(j)

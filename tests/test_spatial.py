@@ -105,7 +105,8 @@ def test_gradient_matches_finite_differences(tiny):
         grad = np.asarray(jax.grad(loss)(jnp.asarray(Y)))
         assert np.isfinite(grad).all() and np.abs(grad).max() > 0
         eps = 1e-6
-        for i, t in [(7, 3), (14, 10), (20, 5), (0, 0), (35, 59), (9, 30), (21, 44)]:
+        # pixels 5 and 30 lie outside every search area (solved as background-only problems, padded rows)
+        for i, t in [(7, 3), (14, 10), (20, 5), (0, 0), (35, 59), (9, 30), (21, 44), (5, 12), (30, 40)]:
             E = np.zeros_like(Y)
             E[i, t] = eps
             fd = (float(loss(jnp.asarray(Y + E))) - float(loss(jnp.asarray(Y - E)))) / (2 * eps)
@@ -133,6 +134,29 @@ def test_float32_movie_with_large_baseline_keeps_support_in_search_area():
     for k in range(3):
         assert np.corrcoef(A1[:, k], A[:, k])[0, 1] > 0.95
     assert abs(float(np.median(b1)) - 1000.0) < 1.0
+
+
+def test_pixels_outside_every_search_area_are_solved_as_the_all_pixel_problem(tiny):
+    """update_spatial solves the pixels with candidates and those without (background terms only) as two padded
+    sets; the result must be the one-set solve of every pixel with all m candidate slots, and the padding sizes
+    grow by at most 19 %."""
+    from jaxcnmf.spatial import pixel_bucket, spatial_statistics
+
+    Y, A, C, b, f, sn = tiny
+    search = A > 0
+    assert (~search.any(axis=1)).sum() >= 5
+    with jax.enable_x64(True):
+        A1, b1 = update_spatial(Y, 0.5 * A, C, b, f, sn, search=search)
+        idx, valid = _candidates(search)
+        Q, G, rr = spatial_statistics(jnp.asarray(Y), jnp.asarray(C), jnp.asarray(b), jnp.asarray(f))
+        A2, b2 = _solve_all(Q, G, rr, jnp.asarray(sn * sn * T), jnp.asarray(idx), jnp.asarray(valid),
+                            jnp.asarray(0.5 * A), jnp.asarray(b), n_sweeps=5, n_lambda=10, constrained=True)
+    np.testing.assert_allclose(np.asarray(A1), np.asarray(A2), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(b1), np.asarray(b2), rtol=1e-12, atol=1e-12)
+    sizes = [pixel_bucket(n) for n in range(1, 300000, 331)]
+    assert all(s >= n for s, n in zip(sizes, range(1, 300000, 331)))
+    assert all(s <= max(256, 1.19 * n + 8) for s, n in zip(sizes, range(1, 300000, 331)))
+    assert len(set(pixel_bucket(n) for n in range(20000, 40000))) <= 5  # few compiled shapes
 
 
 def test_solve_compiles_once_per_shape(tiny):
