@@ -55,8 +55,6 @@ determined (the starting value, 0, is returned).
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 from typing import Any
 
 import equinox as eqx
@@ -65,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ._threads import Pool, host_threads
 from .errors import ParameterError, TraceError
 from . import noise
 from .noise import _roots_to_ar, ar_roots
@@ -1249,7 +1248,7 @@ def deconvolve_batch(
     pad = lambda r, fill: np.concatenate([r, np.broadcast_to(fill, (size * n_blocks - N,) + r.shape[1:])])
     padded = [pad(r, f) for r, f in zip(rows, (0, g[0], 1, 0, 0, 0, T))]
     blocks = [tuple(r[k * size : (k + 1) * size] for r in padded) for k in range(n_blocks)]
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with Pool(workers) as pool:  # each worker computes in the caller's x64 mode
         parts = list(pool.map(lambda b: jax.block_until_ready(solve(b)), blocks))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:N], *parts)
 
@@ -1269,8 +1268,7 @@ def _n_blocks(N: int, threads: int | None) -> int:
     if jax.default_backend() != "cpu":
         return 1
     if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = min(cores, N // 64)
+        threads = min(host_threads(limit=1 << 10), N // 64)
     return max(1, min(int(threads), N))
 
 

@@ -395,8 +395,7 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
     """
     import jax
 
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+    from ._threads import thread_map
 
     T, H, W = Y.shape
     Yr = _aligned_empty((H * W, T), np.dtype(Y.dtype))
@@ -409,14 +408,7 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
     # Blocks are copied by a thread per core (numpy releases the GIL while it copies): most of the time goes to the
     # first touch of the fresh (d, T) buffer's pages, which the kernel zeroes one fault at a time, and to the
     # strided reads; on 256x256x3000 (2 cores) 0.75-2.3 s with one thread, 0.45-0.5 s with two.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    starts = range(0, H, rows)
-    if cores > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(min(cores, 8, len(starts))) as pool:
-            list(pool.map(one, starts))
-    else:
-        for r0 in starts:
-            one(r0)
+    thread_map(one, range(0, H, rows))
     try:
         return jax.device_put(Yr, may_alias=True)
     except TypeError:  # older jax without may_alias: one copy

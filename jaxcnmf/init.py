@@ -7,8 +7,6 @@ the spatial / temporal updates of `fit` then refine.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import equinox as eqx
@@ -17,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._threads import Pool
 from .errors import MovieError, ParameterError
 
 __all__ = ["InitResult", "greedy_init", "sparse_nmf_init", "gaussian_blur", "score_filter", "background_hals"]
@@ -460,7 +459,7 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
     median = np.empty((H, W), dtype)
     # the host medians run in a thread per core (numpy's selection releases the GIL), and those of |diff B| while
     # XLA computes the next block's scores: 0.8 of the 2.5 s this took on 256x256 (1000 binned frames), 2 cores
-    pool = ThreadPoolExecutor(_host_threads())
+    pool = Pool()
 
     def median_rows(r0):
         median[r0 : r0 + rows] = np.median(np.asarray(Y[::step, r0 : r0 + rows]), axis=0)
@@ -496,12 +495,6 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
     sn_b = sn_b / (0.6744897501960817 * math.sqrt(2.0))
     sn_b = np.maximum(sn_b, np.finfo(np.dtype(dtype)).tiny)
     return median, Rp, Bp, sn_b, jnp.pad(jnp.asarray(E), pad), jnp.pad(jnp.asarray(P), pad)
-
-
-def _host_threads() -> int:
-    """Threads for host-side numpy work: one per core this process may use (at most 8)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
 
 
 def _cumsum0(x: jax.Array) -> jax.Array:

@@ -297,9 +297,8 @@ def _chunk_statistic_by_rows(chunk: np.ndarray, freq_range, method, block: int |
     """`_chunk_statistic` of a (frames, H, W) chunk computed by blocks of image rows (each pixel's statistic needs
     only its own trace), so the transposed copy, spectrum and powers exist for one block at a time rather than for
     the whole chunk. Returns float64 (H, W). Blocks have one shape (the last one overlaps the one before)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .init import _host_threads, release_free_memory
+    from ._threads import thread_map
+    from .init import release_free_memory
 
     n, H, W = chunk.shape
     block = NOISE_BLOCK if block is None else block
@@ -313,8 +312,7 @@ def _chunk_statistic_by_rows(chunk: np.ndarray, freq_range, method, block: int |
     # blocks are dispatched from a thread per core: XLA's CPU FFT of one block runs on one core, and two blocks at
     # once took the noise of 256x256x3000 from 1.7 to 1.2 s on 2 cores (the same values: blocks are independent)
     starts = sorted({min(r, H - rows) for r in range(0, H, rows)})
-    with ThreadPoolExecutor(min(_host_threads(), len(starts))) as pool:
-        list(pool.map(one, starts))
+    thread_map(one, starts)
     release_free_memory()  # else the C heap keeps the freed blocks (fragmentation)
     return stat
 

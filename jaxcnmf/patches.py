@@ -412,9 +412,9 @@ def run_jobs_local(jobs: Sequence[PatchJob], *, devices=None, progress: Progress
         for i in range(len(jobs)):
             one(i, devs[0])
         return results
-    from concurrent.futures import ThreadPoolExecutor
+    from ._threads import Pool
 
-    with ThreadPoolExecutor(len(devs)) as pool:
+    with Pool(len(devs)) as pool:
         futures = [pool.submit(_device_worker, one, range(w, len(jobs), len(devs)), devs[w]) for w in range(len(devs))]
         for fut in futures:
             fut.result()

@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .background import hals_f_step
+from .errors import ParameterError
 
 _EPS = 1e-12
 
@@ -138,25 +139,16 @@ def _pad_stats(AY, AA, Ab, C):
     return AYp, AAp, Abp, Cp
 
 
-@eqx.filter_jit
-def _update_temporal_core(
-    AY, AA, Ab, bY, bb, C, f, groups, g_fixed, sn_fixed, *, p, n_sweeps, update_f, deconv_kw
-):
-    from .deconv import LANE_AXIS, deconvolve
-    from .noise import estimate_ar, estimate_noise
-
-    K, T = C.shape
+def _initial_state(C, f, g_fixed, sn_fixed, p):
+    """The block-coordinate descent's state: the traces (with the dummy component `K` appended) and per-component
+    results, zero until a component's group is visited (given g and sn are filled in)."""
+    K1, _ = C.shape  # C already holds the dummy row
     dtype = C.dtype
-    AYp, AAp, Abp, Cp = _pad_stats(AY, AA, Ab, C)
-    bA = Ab.T
-    # the lanes share loop bounds under LANE_AXIS (AR(1)'s nested pool search needs it)
-    deconv = jax.vmap(functools.partial(deconvolve, p=p, **deconv_kw), axis_name=LANE_AXIS)
-
-    zeros_k = jnp.zeros((K + 1,), dtype)
-    init = dict(
-        C=Cp,
-        S=jnp.zeros_like(Cp),
-        g=jnp.zeros((K + 1, p), dtype) if g_fixed is None else jnp.concatenate([g_fixed, jnp.zeros((1, p), dtype)]),
+    zeros_k = jnp.zeros((K1,), dtype)
+    return dict(
+        C=C,
+        S=jnp.zeros_like(C),
+        g=jnp.zeros((K1, p), dtype) if g_fixed is None else jnp.concatenate([g_fixed, jnp.zeros((1, p), dtype)]),
         sn=zeros_k if sn_fixed is None else jnp.concatenate([sn_fixed, jnp.ones((1,), dtype)]),
         baseline=zeros_k,
         c1=zeros_k,
@@ -164,30 +156,44 @@ def _update_temporal_core(
         f=f,
     )
 
-    def group_step(state, idx):
-        raw = raw_traces(idx, AYp, AAp, Abp, state["C"], state["f"])
-        sn = estimate_noise(raw) if sn_fixed is None else state["sn"][idx]
-        sn = jnp.where(idx == K, 1.0, sn).astype(dtype)
-        g = estimate_ar(raw, p, sn=sn) if g_fixed is None else state["g"][idx]
-        res = deconv(raw, g.astype(dtype), sn)
-        new = dict(state)
-        for name, val in (("C", res.c), ("S", res.s), ("g", g), ("sn", sn), ("baseline", res.b),
-                          ("c1", res.c1), ("lam", res.lam)):
-            new[name] = state[name].at[idx].set(jnp.asarray(val, dtype))
-        new["C"] = new["C"].at[K].set(0.0)
-        return new, None
 
-    def maybe_group_step(state, idx):  # groups made only of padding are skipped (no deconvolution work)
-        return jax.lax.cond(jnp.all(idx == K), lambda s, i: (s, None), group_step, state, idx)
+def _group_inputs(stats, state, idx, *, p, estimate_sn, estimate_g):
+    """A group's raw traces and the noise and kinetics they are deconvolved with (estimated from them unless given)."""
+    from .noise import estimate_ar, estimate_noise
 
-    def sweep(state, _):
-        if update_f:
-            state = dict(state)
-            state["f"] = hals_f_step(bY, bA, state["C"][:K], bb, state["f"])
-        state, _ = jax.lax.scan(maybe_group_step, state, groups)
-        return state, None
+    AYp, AAp, Abp = stats
+    K = AYp.shape[0] - 1
+    dtype = AYp.dtype
+    raw = raw_traces(idx, AYp, AAp, Abp, state["C"], state["f"])
+    sn = estimate_noise(raw) if estimate_sn else state["sn"][idx]
+    sn = jnp.where(idx == K, 1.0, sn).astype(dtype)
+    g = estimate_ar(raw, p, sn=sn) if estimate_g else state["g"][idx]
+    return raw, g.astype(dtype), sn
 
-    state, _ = jax.lax.scan(sweep, init, None, length=n_sweeps)
+
+def _group_apply(state, idx, g, sn, res):
+    """The state after a group's deconvolution `res` (the dummy component's trace stays zero)."""
+    K = state["C"].shape[0] - 1
+    dtype = state["C"].dtype
+    new = dict(state)
+    for name, val in (("C", res.c), ("S", res.s), ("g", g), ("sn", sn), ("baseline", res.b), ("c1", res.c1),
+                      ("lam", res.lam)):
+        new[name] = state[name].at[idx].set(jnp.asarray(val, dtype))
+    new["C"] = new["C"].at[K].set(0.0)
+    return new
+
+
+def _f_step(stats_b, state):
+    bY, bA, bb = stats_b
+    K = state["C"].shape[0] - 1
+    new = dict(state)
+    new["f"] = hals_f_step(bY, bA, state["C"][:K], bb, state["f"])
+    return new
+
+
+def _finish(AY, AA, Ab, state) -> TemporalResult:
+    """The result from the final state: YrA at the final traces, the dummy component dropped."""
+    K = AY.shape[0]
     Cf = state["C"]
     diag = jnp.diagonal(AA)
     safe = jnp.where(diag > _EPS, diag, 1.0)
@@ -196,6 +202,94 @@ def _update_temporal_core(
         C=Cf[:K], S=state["S"][:K], YrA=YrA, g=state["g"][:K], baseline=state["baseline"][:K],
         c1=state["c1"][:K], lam=state["lam"][:K], f=state["f"], sn=state["sn"][:K],
     )
+
+
+def _lane_deconv(p, deconv_kw):
+    from .deconv import LANE_AXIS, deconvolve
+
+    # the lanes share loop bounds under LANE_AXIS (AR(1)'s nested pool search needs it)
+    return jax.vmap(functools.partial(deconvolve, p=p, **deconv_kw), axis_name=LANE_AXIS)
+
+
+@eqx.filter_jit
+def _update_temporal_core(
+    AY, AA, Ab, bY, bb, C, f, groups, g_fixed, sn_fixed, *, p, n_sweeps, update_f, deconv_kw
+):
+    AYp, AAp, Abp, Cp = _pad_stats(AY, AA, Ab, C)
+    stats, stats_b = (AYp, AAp, Abp), (bY, Ab.T, bb)
+    K = C.shape[0]
+    deconv = _lane_deconv(p, deconv_kw)
+    inputs = functools.partial(_group_inputs, p=p, estimate_sn=sn_fixed is None, estimate_g=g_fixed is None)
+
+    def group_step(state, idx):
+        raw, g, sn = inputs(stats, state, idx)
+        return _group_apply(state, idx, g, sn, deconv(raw, g, sn)), None
+
+    def maybe_group_step(state, idx):  # groups made only of padding are skipped (no deconvolution work)
+        return jax.lax.cond(jnp.all(idx == K), lambda s, i: (s, None), group_step, state, idx)
+
+    def sweep(state, _):
+        if update_f:
+            state = _f_step(stats_b, state)
+        state, _ = jax.lax.scan(maybe_group_step, state, groups)
+        return state, None
+
+    state, _ = jax.lax.scan(sweep, _initial_state(Cp, f, g_fixed, sn_fixed, p), None, length=n_sweeps)
+    return _finish(AY, AA, Ab, state)
+
+
+# the threaded CPU driver's compiled pieces (one compiled program per shape, as the core's)
+def _start(AY, AA, Ab, C, f, g_fixed, sn_fixed, p):
+    AYp, AAp, Abp, Cp = _pad_stats(AY, AA, Ab, C)
+    return (AYp, AAp, Abp), _initial_state(Cp, f, g_fixed, sn_fixed, p)
+
+
+_start_jit = jax.jit(_start, static_argnums=(7,))
+_inputs_jit = jax.jit(_group_inputs, static_argnames=("p", "estimate_sn", "estimate_g"))
+_apply_jit = jax.jit(_group_apply)
+_f_step_jit = jax.jit(_f_step)
+_finish_jit = jax.jit(_finish)
+
+
+@functools.lru_cache(maxsize=32)
+def _lane_deconv_jit(p, deconv_items):
+    return jax.jit(_lane_deconv(p, dict(deconv_items)))
+
+
+def _update_temporal_threaded(
+    AY, AA, Ab, bY, bb, C, f, groups, g_fixed, sn_fixed, *, p, n_sweeps, update_f, deconv_kw, threads
+):
+    """`_update_temporal_core` driven from the host, for the CPU backend: the same steps in the same order, but each
+    group's deconvolution split into `threads` equal sets of lanes solved at once from a thread pool (XLA runs a
+    vmapped deconvolution's sequential pool merging on one core; the lanes are independent). Concrete inputs only
+    (not differentiable: `update_temporal` uses the core whenever it is traced)."""
+    from ._threads import Pool
+
+    K = C.shape[0]
+    stats, state = _start_jit(AY, AA, Ab, C, f, g_fixed, sn_fixed, p)
+    stats_b = (bY, Ab.T, bb)
+    deconv = _lane_deconv_jit(p, tuple(sorted(deconv_kw.items())))
+    groups = np.asarray(groups)
+    M = groups.shape[1]
+    n_parts = max(1, min(int(threads), M))
+    while M % n_parts:
+        n_parts -= 1
+    w = M // n_parts
+    with Pool(n_parts) as pool:
+        for _ in range(n_sweeps):
+            if update_f:
+                state = _f_step_jit(stats_b, state)
+            for row in groups:
+                if np.all(row == K):  # padding only
+                    continue
+                idx = jnp.asarray(row)
+                raw, g, sn = _inputs_jit(stats, state, idx, p=p, estimate_sn=sn_fixed is None,
+                                         estimate_g=g_fixed is None)
+                parts = list(pool.map(lambda i: deconv(raw[i * w:(i + 1) * w], g[i * w:(i + 1) * w],
+                                                       sn[i * w:(i + 1) * w]), range(n_parts)))
+                res = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+                state = _apply_jit(state, idx, g, sn, res)
+    return _finish_jit(AY, AA, Ab, state)
 
 
 def update_temporal(
@@ -216,6 +310,7 @@ def update_temporal(
     baseline: bool | float = True,
     c1: bool | float = True,
     max_group_frames: int = MAX_GROUP_FRAMES,
+    threads: int | None = None,
 ) -> TemporalResult:
     """Update the traces of all components with the footprints fixed (CaImAn's `update_temporal_components`).
 
@@ -244,9 +339,16 @@ def update_temporal(
     - `max_group_frames`: most trace frames deconvolved at once (members x T); larger groups are split
       (`split_groups`), which bounds the deconvolution's working memory on long movies and changes nothing else:
       members of a group do not overlap, so their updates do not depend on each other.
+    - `threads`: on the CPU backend with concrete (not traced) inputs, each group's deconvolution is split into this
+      many equal sets of members solved at once from a thread pool (`_update_temporal_threaded`: XLA solves a
+      vmapped deconvolution on one core). None: one per core this process may use; 1: the single compiled sweep
+      (`_update_temporal_core`, also what runs under `jit`/`grad` and on GPU/TPU). The results agree to float32
+      rounding (the same steps in the same order).
 
     **Returns:** a `TemporalResult` (`C`, `S`, `YrA`, `g`, `baseline`, `c1`, `lam`, `f`, `sn`).
     """
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ParameterError(f"threads={threads!r}: expected a positive integer or None.")
     K = A.shape[1]
     dtype = jnp.result_type(Yr)
     groups = np.asarray(color_components(A) if groups is None else groups, np.int32)
@@ -260,12 +362,19 @@ def update_temporal(
     pad = lambda x: None if x is None else jnp.pad(jnp.asarray(x, dtype), [(0, Kp - K)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
     pad2 = lambda x: jnp.pad(x, [(0, Kp - K), (0, Kp - K)])  # noqa: E731
     deconv_kw = dict(lam=lam, s_min=s_min, baseline=baseline, c1=c1)
-    res = _update_temporal_core(
-        pad(AY), pad2(A.T @ A), pad(A.T @ b), bY, b.T @ b, pad(jnp.asarray(C, dtype)), jnp.asarray(f, dtype),
-        jnp.asarray(groups), pad(None if g is None else np.asarray(g)),
-        pad(None if sn_trace is None else np.asarray(sn_trace)),
-        p=p, n_sweeps=n_sweeps, update_f=update_f, deconv_kw=deconv_kw,
-    )
+    traced = any(isinstance(x, jax.core.Tracer) for x in (Yr, A, C, b, f))
+    if threads is None:
+        from ._threads import host_threads
+
+        threads = host_threads()
+    args = (pad(AY), pad2(A.T @ A), pad(A.T @ b), bY, b.T @ b, pad(jnp.asarray(C, dtype)), jnp.asarray(f, dtype),
+            jnp.asarray(groups), pad(None if g is None else np.asarray(g)),
+            pad(None if sn_trace is None else np.asarray(sn_trace)))
+    kw = dict(p=p, n_sweeps=n_sweeps, update_f=update_f, deconv_kw=deconv_kw)
+    if threads > 1 and not traced and jax.default_backend() == "cpu":
+        res = _update_temporal_threaded(*args, **kw, threads=int(threads))
+    else:
+        res = _update_temporal_core(*args, **kw)
     return TemporalResult(C=res.C[:K], S=res.S[:K], YrA=res.YrA[:K], g=res.g[:K], baseline=res.baseline[:K],
                           c1=res.c1[:K], lam=res.lam[:K], f=res.f, sn=res.sn[:K])
 

@@ -182,3 +182,23 @@ def test_footprint_products_equal_the_dense_product_and_compile_once_per_bucket(
     A_wide[:, 1] = 1.0  # the whole field: the dense product
     np.testing.assert_allclose(np.asarray(footprint_products(jnp.asarray(A_wide), jnp.asarray(Y))),
                                A_wide.astype(np.float64).T @ Y, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_threaded_cpu_driver_equals_the_compiled_sweep(p):
+    """On the CPU, update_temporal splits each group's deconvolution over a thread pool (`threads`); the steps and
+    their order are the core's, so every field must agree with `threads=1` (the single compiled sweep) to float32
+    rounding, with two sweeps, f refitted, and g and sn estimated; a bad `threads` is a clear error."""
+    from jaxcnmf.errors import ParameterError
+
+    m = tiny_movie(p=p, T=600)
+    Y, A, C, b, f = (np.asarray(m[k], np.float32) for k in ("Y", "A", "C", "b", "f"))
+    C0 = np.maximum(C + 0.3 * np.random.default_rng(0).normal(size=C.shape), 0).astype(np.float32)
+    one = update_temporal(Y, A, C0, b, f, p=p, n_sweeps=2, threads=1)
+    for threads in (2, 3):  # 3 does not divide the padded group size: fewer, larger parts
+        many = update_temporal(Y, A, C0, b, f, p=p, n_sweeps=2, threads=threads)
+        for name in ("C", "S", "YrA", "g", "baseline", "c1", "lam", "f", "sn"):
+            x, y = np.asarray(getattr(one, name)), np.asarray(getattr(many, name))
+            assert np.abs(x - y).max() <= 5e-4 * max(np.abs(x).max(), 1e-6), (threads, name)
+    with pytest.raises(ParameterError, match="threads"):
+        update_temporal(Y, A, C0, b, f, p=p, threads=0)
