@@ -188,7 +188,7 @@ def part_real(args) -> dict:
     from jaxcnmf.plot import local_correlation_image
     from jaxcnmf.fit import fit
     from jaxcnmf.io import load_movie
-    from jaxcnmf.metrics import load_regions, match_footprints
+    from jaxcnmf.metrics import active_regions, load_regions, match_footprints
 
     path = os.path.join(REAL, "movie.tif")
     if not os.path.exists(path):
@@ -204,29 +204,38 @@ def part_real(args) -> dict:
     acc = np.asarray(res.accepted, bool)
     m = match_footprints(np.asarray(res.A)[acc], regions)
     m_all = match_footprints(np.asarray(res.A), regions)
+    ci = local_correlation_image(movie)
+    active = active_regions(regions, ci)  # labels with activity in these 600 frames (the rest are silent)
+
+    def recall_active(match):
+        return float(np.isin(np.flatnonzero(active), match.pairs[:, 1]).mean()) if active.any() else float("nan")
+
     os.makedirs(OUT, exist_ok=True)
     fig = os.path.join(OUT, "fit_neurofinder.png")
-    summary_figure(fig, local_correlation_image(movie), np.asarray(res.A), regions.astype(np.float32), accepted=acc,
+    summary_figure(fig, ci, np.asarray(res.A), regions.astype(np.float32), accepted=acc,
                    title=f"neurofinder_tr: {acc.sum()} accepted of {res.n_components}; F1 {m.f1:.2f} "
                          f"(P {m.precision:.2f}, R {m.recall:.2f}) vs {regions.shape[0]} labels")
     row = dict(n_labels=int(regions.shape[0]), n_accepted=int(acc.sum()), n_all=res.n_components,
                precision=m.precision, recall=m.recall, f1=m.f1, f1_all=m_all.f1, recall_all=m_all.recall,
-               seconds=t_fit, figure=fig)
+               n_active_labels=int(active.sum()), recall_active=recall_active(m), seconds=t_fit, figure=fig)
     print("jaxcnmf real:", json.dumps(row))
     result = (f"neurofinder_tr 256x256x600, radius {radius} px, fps 7: {acc.sum()} accepted of {res.n_components}; "
               f"vs {regions.shape[0]} labels P {m.precision:.3f} R {m.recall:.3f} F1 {m.f1:.3f} (all components: "
-              f"P {m_all.precision:.3f} R {m_all.recall:.3f} F1 {m_all.f1:.3f}); {t_fit:.1f} s incl. compile; "
-              f"figure experiments/out/fit_neurofinder.png")
+              f"P {m_all.precision:.3f} R {m_all.recall:.3f} F1 {m_all.f1:.3f}); recall of the {int(active.sum())} "
+              f"labels active in these frames (`metrics.active_regions`) {recall_active(m):.3f}; {t_fit:.1f} s incl. "
+              f"compile; figure experiments/out/fit_neurofinder.png")
     if have_suite2p():
         with tempfile.TemporaryDirectory() as tmp:
             masks_all, iscell, _, t_s2p = run_suite2p(movie, fps, radius, tmp)
         ms = match_footprints(masks_all[iscell], regions)
         ms_all = match_footprints(masks_all, regions)
         row.update(s2p_f1=ms.f1, s2p_precision=ms.precision, s2p_recall=ms.recall, s2p_seconds=t_s2p,
+                   s2p_recall_active=recall_active(ms), s2p_recall_active_all=recall_active(ms_all),
                    s2p_all_rois=dict(n=ms_all.n_est, f1=ms_all.f1, precision=ms_all.precision, recall=ms_all.recall))
         result += (f"; suite2p {int(iscell.sum())} cells P {ms.precision:.3f} R {ms.recall:.3f} F1 {ms.f1:.3f} "
                    f"(all {ms_all.n_est} ROIs before its classifier: P {ms_all.precision:.3f} R {ms_all.recall:.3f} "
-                   f"F1 {ms_all.f1:.3f}) in {t_s2p:.1f} s")
+                   f"F1 {ms_all.f1:.3f}; recall of the active labels {recall_active(ms):.3f}, all ROIs "
+                   f"{recall_active(ms_all):.3f}) in {t_s2p:.1f} s")
     else:
         result += "; suite2p not importable (not compared)"
     if not args.no_record:

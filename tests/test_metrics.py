@@ -420,3 +420,24 @@ def test_scores_a_simulator_truth_file(tmp_path):
     # Dropping the first two estimates lowers recall by exactly 2 / K.
     s = score_result({k: v[2:] for k, v in est.items()}, truth=truth)
     assert s["recall"] == pytest.approx((K - 2) / K) and s["precision"] == 1.0
+
+
+def test_active_regions_picks_the_regions_brighter_than_the_correlation_images_quantile():
+    from jaxcnmf.metrics import active_regions
+
+    rng = np.random.default_rng(0)
+    ci = 0.02 * rng.random((30, 30))
+    masks = np.zeros((3, 30, 30), bool)
+    masks[0, 2:6, 2:6] = True  # active: correlated pixels
+    masks[1, 10:14, 10:14] = True  # silent: background level
+    masks[2, 20:23, 20:23] = True  # active, smaller
+    ci[2:6, 2:6] = 0.4
+    ci[20:23, 20:23] = 0.3
+    np.testing.assert_array_equal(active_regions(masks, ci), [True, False, True])
+    quiet = ci.copy()
+    quiet[20:23, 20:23] = 0.0  # the third region falls silent
+    np.testing.assert_array_equal(active_regions(masks, quiet), [True, False, False])
+    with pytest.raises(ParameterError, match="do not match"):
+        active_regions(masks[:, :10], ci)
+    with pytest.raises(ParameterError, match="quantile"):
+        active_regions(masks, ci, quantile=1.0)
