@@ -103,13 +103,25 @@ def test_recovers_true_traces_on_true_footprints(p):
 
     tau_d, _ = ar_to_tau(np.asarray(res.g, np.float64), 1.0)
     assert np.all((np.asarray(tau_d) > 10.0) & (np.asarray(tau_d) < 40.0)), tau_d
-    # a second movie of the same shape (other data, other K) reuses the compiled update
+    # a second movie of the same shape (other data, other K) reuses the compiled update, both the single compiled
+    # sweep (threads=1) and the threaded CPU driver's pieces
     from jaxcnmf import temporal
 
-    n = temporal._update_temporal_core._cached._cache_size()
     m2 = tiny_movie(seed=5, p=p, T=800, centers=[(5, 5), (20, 20), (6, 26)])
-    update_temporal(jnp.asarray(m2["Y"], jnp.float32), m2["A"], m2["C"], m2["b"], m2["f"], p=p, n_sweeps=2)
+    Y2 = jnp.asarray(m2["Y"], jnp.float32)
+    Y1 = jnp.asarray(m["Y"], jnp.float32)
+    update_temporal(Y1, m["A"], np.zeros_like(m["C"]), m["b"], m["f"], p=p, n_sweeps=2, threads=1)
+    n = temporal._update_temporal_core._cached._cache_size()
+    update_temporal(Y2, m2["A"], m2["C"], m2["b"], m2["f"], p=p, n_sweeps=2, threads=1)
     assert temporal._update_temporal_core._cached._cache_size() == n
+    pieces = (temporal._start_jit, temporal._inputs_jit, temporal._apply_jit, temporal._f_step_jit,
+              temporal._finish_jit)
+    deconv = temporal._lane_deconv_jit(p, tuple(sorted(dict(lam=None, s_min=0.0, baseline=True, c1=True).items())))
+    update_temporal(Y1, m["A"], np.zeros_like(m["C"]), m["b"], m["f"], p=p, n_sweeps=2, threads=2)
+    sizes = [fn._cache_size() for fn in pieces + (deconv,)]
+    assert min(sizes) >= 1
+    update_temporal(Y2, m2["A"], m2["C"], m2["b"], m2["f"], p=p, n_sweeps=2, threads=2)
+    assert [fn._cache_size() for fn in pieces + (deconv,)] == sizes
 
 
 def test_gradient_wrt_movie_matches_finite_differences():
