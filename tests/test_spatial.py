@@ -161,10 +161,12 @@ def test_pixels_outside_every_search_area_are_solved_as_the_all_pixel_problem(ti
 
 def test_solve_compiles_once_per_shape(tiny):
     Y, A, C, b, f, sn = tiny
+    from jaxcnmf.spatial import _solve_rows
+
     update_spatial(Y, A, C, b, f, sn, radius=1.5, shape=(H, W))
-    n = _solve_all._cache_size()
+    n, n_rows = _solve_all._cache_size(), _solve_rows._cache_size()
     update_spatial(Y * 1.1, A * 0.9, C, b, f, sn, radius=1.5, shape=(H, W))
-    assert _solve_all._cache_size() == n
+    assert _solve_all._cache_size() == n and _solve_rows._cache_size() == n_rows
 
 
 def test_search_areas_disk_and_shape_following():
