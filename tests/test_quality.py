@@ -54,6 +54,26 @@ def test_spatial_consistency_matches_direct_computation():
         np.testing.assert_allclose(got[k], ref, rtol=1e-10)
 
 
+def test_local_r_values_equal_the_dense_form(sim_with_fakes):
+    """evaluate_components takes r-values from each neighbourhood's own pixels and top frames when the
+    neighbourhoods are local: equal to `spatial_consistency`'s dense product (float64: to rounding), including an
+    all-zero trace and an empty neighbourhood."""
+    from jaxcnmf.quality import _spatial_consistency_local
+    from jaxcnmf.spatial import search_areas
+
+    Yr, A, C, b, f, *_ = sim_with_fakes
+    C = C.copy()
+    C[3] = 0.0  # an inactive component: r = 0 in both forms
+    nbhd = np.array(search_areas(A, (64, 64), 4.0, threshold=0.0))
+    nbhd[:, 5] = False  # an empty neighbourhood
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x, jnp.float64) for x in (Yr, A, C, b, f)]
+        dense = np.asarray(spatial_consistency(*args, jnp.asarray(nbhd), n_top=20))
+        local = np.asarray(_spatial_consistency_local(*args, nbhd, n_top=20))
+    np.testing.assert_allclose(local, dense, rtol=1e-9, atol=1e-12)
+    assert dense[3] == 0 and dense[5] == 0 and np.abs(dense).max() > 0.5
+
+
 @pytest.fixture(scope="module")
 def sim_with_fakes():
     sim = pytest.importorskip("jaxcnmf.sim")
