@@ -407,7 +407,8 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
 
     # Blocks are copied by a thread per core (numpy releases the GIL while it copies): most of the time goes to the
     # first touch of the fresh (d, T) buffer's pages, which the kernel zeroes one fault at a time, and to the
-    # strided reads; on 256x256x3000 (2 cores) 0.75-2.3 s with one thread, 0.45-0.5 s with two.
+    # strided reads; on 256x256x3000 (2 cores) 0.8-2.8 s with one thread, 0.6-1.6 s with two (the spread is the
+    # kernel's page-fault and huge-page compaction time).
     thread_map(one, range(0, H, rows))
     try:
         return jax.device_put(Yr, may_alias=True)
