@@ -459,39 +459,37 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
     median = np.empty((H, W), dtype)
     # the host medians run in a thread per core (numpy's selection releases the GIL), and those of |diff B| while
     # XLA computes the next block's scores: 0.8 of the 2.5 s this took on 256x256 (1000 binned frames), 2 cores
-    pool = Pool()
+    with Pool() as pool:
+        def median_rows(r0):
+            median[r0 : r0 + rows] = np.median(np.asarray(Y[::step, r0 : r0 + rows]), axis=0)
 
-    def median_rows(r0):
-        median[r0 : r0 + rows] = np.median(np.asarray(Y[::step, r0 : r0 + rows]), axis=0)
+        list(pool.map(median_rows, range(0, H, rows)))
+        median = jnp.asarray(median)
 
-    list(pool.map(median_rows, range(0, H, rows)))
-    median = jnp.asarray(median)
+        shape = (T, H + 2 * pad, W + 2 * pad)
+        Rp, Bp = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        nt = int(min(T, max(1, block // (H * W))))
+        for t0 in _starts(T, nt):
+            Rp, Bp = _fill_frames(Rp, Bp, _block_of(Y, t0, nt), median, g, box, jnp.asarray(t0, jnp.int32))
+            Rp.block_until_ready()
+            release_free_memory()  # else the C heap keeps each freed block (fragmentation): ~1 padded movie here
 
-    shape = (T, H + 2 * pad, W + 2 * pad)
-    Rp, Bp = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-    nt = int(min(T, max(1, block // (H * W))))
-    for t0 in _starts(T, nt):
-        Rp, Bp = _fill_frames(Rp, Bp, _block_of(Y, t0, nt), median, g, box, jnp.asarray(t0, jnp.int32))
-        Rp.block_until_ready()
-        release_free_memory()  # else the C heap keeps each freed block (fragmentation): ~1 padded movie here
+        E, P, sn_b = (np.empty((H, W), dtype) for _ in range(3))
 
-    E, P, sn_b = (np.empty((H, W), dtype) for _ in range(3))
+        def noise_rows(r0, dB):
+            sn_b[r0 : r0 + rows] = np.median(dB, axis=0)
 
-    def noise_rows(r0, dB):
-        sn_b[r0 : r0 + rows] = np.median(dB, axis=0)
-
-    pending = []
-    for r0 in _starts(H, rows):
-        e, p, dB = _score_rows(Bp, jnp.asarray(r0, jnp.int32), pad=pad, W=W, rows=rows, n_smooth=n_smooth,
-                               n_slow=n_slow)
-        E[r0 : r0 + rows], P[r0 : r0 + rows] = np.asarray(e), np.asarray(p)
-        pending.append(pool.submit(noise_rows, r0, np.asarray(dB)))
-        if len(pending) > 2:  # bound the |diff B| blocks held at once
-            pending.pop(0).result()
-        release_free_memory()
-    for job in pending:
-        job.result()
-    pool.shutdown()
+        pending = []
+        for r0 in _starts(H, rows):
+            e, p, dB = _score_rows(Bp, jnp.asarray(r0, jnp.int32), pad=pad, W=W, rows=rows, n_smooth=n_smooth,
+                                   n_slow=n_slow)
+            E[r0 : r0 + rows], P[r0 : r0 + rows] = np.asarray(e), np.asarray(p)
+            pending.append(pool.submit(noise_rows, r0, np.asarray(dB)))
+            if len(pending) > 2:  # bound the |diff B| blocks held at once
+                pending.pop(0).result()
+            release_free_memory()
+        for job in pending:
+            job.result()
     sn_b = sn_b / (0.6744897501960817 * math.sqrt(2.0))
     sn_b = np.maximum(sn_b, np.finfo(np.dtype(dtype)).tiny)
     return median, Rp, Bp, sn_b, jnp.pad(jnp.asarray(E), pad), jnp.pad(jnp.asarray(P), pad)
@@ -599,18 +597,17 @@ def _embed_windows(windows: np.ndarray, corners, H: int, W: int) -> tuple[np.nda
         rows = np.arange(top + i0, top + i1)
         cols = np.arange(left + j0, left + j1)
         A[(rows[:, None] * W + cols[None, :]).ravel(), k] = win.ravel()
-        wgt = np.asarray(win, np.float64)
-        wgt = np.where(wgt >= 0.3 * wgt.max(initial=0.0), wgt, 0.0)
-        tot = max(wgt.sum(), 1e-300)
-        centers[k] = (rows @ wgt.sum(axis=1) / tot, wgt.sum(axis=0) @ cols / tot)
+        centers[k] = _centres_of_mass(win.reshape(-1, 1), *win.shape, origin=(rows[0], cols[0]))[0]
     return A, centers
 
 
-def _centres_of_mass(A: jax.Array, H: int, W: int) -> np.ndarray:
-    """(K, 2) float32 (row, col) centre of mass of each column of A (d, K), weighted by a_k above 30% of its max."""
+def _centres_of_mass(A: jax.Array, H: int, W: int, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """(K, 2) float32 (row, col) centre of mass of each column of A (d, K), weighted by a_k above 30% of its max;
+    A covers the H x W crop whose top-left pixel is `origin` of the image."""
     wgt = np.asarray(A, np.float64)
     wgt = np.where(wgt >= 0.3 * wgt.max(axis=0, initial=0.0)[None, :], wgt, 0.0)
     rows, cols = np.divmod(np.arange(H * W), W)
+    rows, cols = rows + origin[0], cols + origin[1]
     tot = np.maximum(wgt.sum(0), 1e-300)
     return (np.stack([rows @ wgt, cols @ wgt], axis=1) / tot[:, None]).astype(np.float32).reshape(-1, 2)
 
