@@ -103,23 +103,11 @@ def spatial_consistency(Yr, A, C, b, f, neighbourhood, *, n_top: int) -> jax.Arr
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def _spatial_consistency_local(Yr, A, C, b, f, neighbourhood, *, n_top: int) -> jax.Array:
-    """`spatial_consistency` from each neighbourhood's own pixels and top frames: the dense form multiplies the whole
-    movie by the (T, K) frame weights (0.35 s of 0.7 on 256x256x3000 with 155 components), where only a few hundred
-    pixels x `n_top` frames per component enter its r-value. The same values up to float32 summation order.
-    Concrete `neighbourhood` only (its pixel lists are built on the host)."""
-    from .temporal import bucket
-
-    nb_mask = np.asarray(neighbourhood, bool)
-    d, K = nb_mask.shape
-    counts = nb_mask.sum(axis=0)
-    P = bucket(int(counts.max(initial=1)))
-    idx = np.zeros((K, P), np.int32)
-    valid = np.zeros((K, P), bool)
-    comp, rows = np.nonzero(nb_mask.T)
-    slot = np.arange(comp.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    idx[comp, slot] = rows
-    valid[comp, slot] = True
+def _spatial_consistency_local(Yr, A, C, b, f, idx, valid, *, n_top: int) -> jax.Array:
+    """`spatial_consistency` from each neighbourhood's own pixels (`idx`, `valid`: `temporal.column_pixels` of the
+    neighbourhood) and top frames: the dense form multiplies the whole movie by the (T, K) frame weights (0.35 s of
+    0.7 on 256x256x3000 with 155 components), where only a few hundred pixels x `n_top` frames per component enter
+    its r-value. The same values up to float32 summation order."""
     return _local_r(Yr, A, C, b, f, jnp.asarray(idx), jnp.asarray(valid), n_top=n_top)
 
 
@@ -236,9 +224,13 @@ def evaluate_components(
     a2 = jnp.sum(A * A, axis=0)
     floor = jnp.sqrt(jnp.sum(A * A * (sn * sn)[:, None], axis=0)) / jnp.where(a2 > 0, a2, 1.0)
     snr = trace_snr(C + YrA, floor, n_consecutive=int(n_consecutive))
-    local = not any(isinstance(x, jax.core.Tracer) for x in (Yr, A, C, b, f, neighbourhood))
-    if local and np.asarray(neighbourhood).sum(axis=0).max(initial=0) <= d // 8:  # local neighbourhoods
-        r = _spatial_consistency_local(Yr, A, C, b, f, neighbourhood, n_top=n_top)
+    lists = None
+    if not any(isinstance(x, jax.core.Tracer) for x in (Yr, A, C, b, f, neighbourhood)):
+        from .temporal import column_pixels
+
+        lists = column_pixels(np.asarray(neighbourhood))
+    if lists is not None and lists[1].sum(axis=1).max(initial=0) <= d // 8:  # local neighbourhoods: own pixels
+        r = _spatial_consistency_local(Yr, A, C, b, f, *lists, n_top=n_top)
     else:
         r = spatial_consistency(Yr, A, C, b, f, neighbourhood, n_top=n_top)
     return acceptance(snr, r, (a2 > 0) & (jnp.max(C, axis=1) > 0), min_snr=min_snr, rval_thr=rval_thr,

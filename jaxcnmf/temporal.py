@@ -397,18 +397,27 @@ def footprint_products(A: Float[Array, "d K"], Yr: Float[Array, "d T"]) -> Float
     if isinstance(A, jax.core.Tracer) or K == 0:
         return A.T @ Yr
     host = np.asarray(A)
-    nz = host != 0
-    counts = nz.sum(axis=0)
-    P = bucket(int(counts.max(initial=1)))
-    if P > d // 8:
+    idx, valid = column_pixels(host != 0)
+    if idx.shape[1] > d // 8:
         return jnp.asarray(A).T @ Yr
-    idx = np.zeros((K, P), np.int32)  # padding: pixel 0 with weight 0
-    vals = np.zeros((K, P), host.dtype)
-    comp, rows = np.nonzero(nz.T)  # by component, then pixel
+    vals = np.where(valid, np.take_along_axis(host.T, idx, axis=1), 0)  # padding: pixel 0 with weight 0
+    return _gather_products(jnp.asarray(idx), jnp.asarray(vals, Yr.dtype), Yr)
+
+
+def column_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of each column of a (d, K) bool `mask`, as (K, P) padded lists: `idx` (int32, padding pixel 0) and
+    `valid` (bool), P = `bucket` of the largest column count (so similar problems share compiled shapes)."""
+    mask = np.asarray(mask, bool)
+    K = mask.shape[1]
+    counts = mask.sum(axis=0)
+    P = bucket(int(counts.max(initial=1)))
+    idx = np.zeros((K, P), np.int32)
+    valid = np.zeros((K, P), bool)
+    comp, rows = np.nonzero(mask.T)  # by component, then pixel
     slot = np.arange(comp.size) - np.repeat(np.cumsum(counts) - counts, counts)
     idx[comp, slot] = rows
-    vals[comp, slot] = host[rows, comp]
-    return _gather_products(jnp.asarray(idx), jnp.asarray(vals, Yr.dtype), Yr)
+    valid[comp, slot] = True
+    return idx, valid
 
 
 @jax.jit

@@ -60,6 +60,7 @@ def test_local_r_values_equal_the_dense_form(sim_with_fakes):
     all-zero trace and an empty neighbourhood."""
     from jaxcnmf.quality import _spatial_consistency_local
     from jaxcnmf.spatial import search_areas
+    from jaxcnmf.temporal import column_pixels
 
     Yr, A, C, b, f, *_ = sim_with_fakes
     C = C.copy()
@@ -69,7 +70,7 @@ def test_local_r_values_equal_the_dense_form(sim_with_fakes):
     with jax.enable_x64(True):
         args = [jnp.asarray(x, jnp.float64) for x in (Yr, A, C, b, f)]
         dense = np.asarray(spatial_consistency(*args, jnp.asarray(nbhd), n_top=20))
-        local = np.asarray(_spatial_consistency_local(*args, nbhd, n_top=20))
+        local = np.asarray(_spatial_consistency_local(*args, *column_pixels(nbhd), n_top=20))
     np.testing.assert_allclose(local, dense, rtol=1e-9, atol=1e-12)
     assert dense[3] == 0 and dense[5] == 0 and np.abs(dense).max() > 0.5
 
