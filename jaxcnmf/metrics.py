@@ -417,9 +417,10 @@ def active_regions(masks: Any, corr_image: Any, quantile: float = 0.9) -> np.nda
     if not 0 < quantile < 1:
         raise ParameterError(f"active_regions: quantile={quantile!r} must lie in (0, 1)")
     level = np.quantile(ci[np.isfinite(ci)], quantile)
-    size = np.maximum(masks.reshape(len(masks), -1).sum(1), 1)
-    mean = (masks.reshape(len(masks), -1) @ np.nan_to_num(ci).ravel()) / size
-    return (mean > level) & (size > 0) & masks.reshape(len(masks), -1).any(1)
+    flat = masks.reshape(len(masks), -1)
+    size = flat.sum(axis=1)
+    mean = (flat @ np.nan_to_num(ci).ravel()) / np.maximum(size, 1)
+    return (mean > level) & (size > 0)
 
 
 def _region_id(region: Any) -> Any:
