@@ -226,3 +226,48 @@ def mixture_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, thr: f
         if nbrs.size and explained_fraction(C[k], C[nbrs]) > thr:
             out[k] = True
     return out
+
+
+DUPLICATE_COS = 0.95
+"""Footprint cosine similarity at or above which two components are one footprint fitted twice
+(`duplicate_components`)."""
+
+
+def duplicate_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, thr: float = DUPLICATE_COS) -> np.ndarray:
+    """Which components repeat another one's footprint: cosine similarity of the footprints >= `thr`.
+
+    Two components with one footprint are one cell fitted twice: the model A C sees only the sum of their traces,
+    so how the activity is split between them (and the correlation of the two parts, which `merge_components`
+    looks at) is arbitrary. Of each such pair the weaker (smaller `||a_k|| ||c_k||`) is marked, strongest pairs
+    first, a marked component pairing no further; the caller drops them and refits the traces of the rest (the
+    kept twin then takes the whole activity). Overlapping neurons share part of a footprint, not all of it (the
+    simulated pairs here overlap with cosines below 0.8). Host-side (numpy).
+
+    **Arguments:**
+
+    - `A`: `(d, K)` footprints; `C`: `(K, T)` traces.
+    - `thr`: cosine similarity in (0, 1] at or above which a pair counts as a duplicate.
+
+    **Returns:** `(K,)` bool numpy array, True for the weaker member of each duplicate pair.
+    """
+    C = np.asarray(C, np.float64)
+    K = C.shape[0]
+    out = np.zeros(K, bool)
+    if K < 2:
+        return out
+    S = scipy.sparse.csc_matrix(A if scipy.sparse.issparse(A) else np.asarray(A), dtype=np.float64)
+    gram = (S.T @ S).toarray()  # footprints are local: the sparse product, not the dense (d, K) one
+    norms = np.sqrt(np.maximum(np.diagonal(gram), 0.0))
+    i, j = np.nonzero(np.triu(gram > 0, 1))
+    if i.size == 0:
+        return out
+    cos = gram[i, j] / np.maximum(norms[i] * norms[j], _EPS)
+    size = norms * np.linalg.norm(C, axis=1)
+    for n in np.argsort(-cos, kind="stable"):
+        if cos[n] < thr:
+            break
+        a, b = i[n], j[n]
+        if out[a] or out[b]:
+            continue
+        out[a if (size[a], -a) < (size[b], -b) else b] = True
+    return out

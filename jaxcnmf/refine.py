@@ -115,8 +115,10 @@ def sparse_search_areas(A, shape: tuple[int, int], radius: float, *, threshold: 
     return _from_crops(crops, shape, A.shape[1], dtype=bool)
 
 
-def cleanup_sparse(A, shape: tuple[int, int], *, connected: bool = True) -> tuple[sp.csc_matrix, np.ndarray]:
-    """`spatial.cleanup_footprints` for sparse footprints, component by component on a crop of its support.
+def cleanup_sparse(A, shape: tuple[int, int], *, connected: bool = True,
+                   median: int = 1) -> tuple[sp.csc_matrix, np.ndarray]:
+    """`spatial.cleanup_footprints` for sparse footprints, component by component on a crop of its support (widened
+    by the median filter's reach, so the filter sees the same zeros as on the whole image).
 
     **Returns:** `(A_clean (d, K) CSC float32, norms (K,) float64)`, as `cleanup_footprints`.
     """
@@ -131,8 +133,8 @@ def cleanup_sparse(A, shape: tuple[int, int], *, connected: bool = True) -> tupl
     for k in range(K):
         if A.indptr[k + 1] == A.indptr[k]:
             continue
-        crop, origin = _crop(A, k, W, 0, H)
-        a, n = cleanup_footprints(crop.reshape(-1, 1), crop.shape, connected=connected)
+        crop, origin = _crop(A, k, W, int(median) // 2, H)
+        a, n = cleanup_footprints(crop.reshape(-1, 1), crop.shape, connected=connected, median=median)
         norms[k] = float(np.asarray(n)[0])
         crops.append((k, np.asarray(a).reshape(crop.shape), origin))
     return _from_crops(crops, shape, K), norms
@@ -378,7 +380,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
 
     **Returns:** the whole-field `Result` (same layout and ordering as `fit`'s).
     """
-    from .fit import _take_temporal, empty_result
+    from .fit import _take_temporal, empty_result, footprint_median
     from .patches import _FIT_BASE, Streamer, chunk_frames_for_budget, parse_memory_budget, relieve_memory
 
     T, H, W = source.shape
@@ -416,7 +418,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
         relieve_memory(budget)
         A, b = spatial_banded(stream, bands, A, C, b, f, sn, radius=float(prm.neuron_radius), shape=(H, W),
                               method=prm.spatial_method, compact=compact)
-        A, norms = cleanup_sparse(A, (H, W), connected=compact)
+        A, norms = cleanup_sparse(A, (H, W), connected=compact, median=footprint_median(prm))
         C = C * norms[:, None].astype(np.float32)
         keep = np.flatnonzero(~_degenerate(A, C))
         A, C = A[:, keep], C[keep]

@@ -110,14 +110,23 @@ def cleanup_footprints(
     connected: bool = True,
     min_weight: float = 0.01,
     normalise: bool = True,
+    median: int = 1,
     block: int = 64,
 ):
-    """Post-process footprints: keep the main connected piece, drop tiny weights, scale columns to unit l2 norm.
+    """Post-process footprints: smooth out speckle, keep the main connected piece, drop tiny weights, scale columns to
+    unit l2 norm.
 
-    For each column a_k: (1) weights below `min_weight * max(a_k)` are set to zero; (2) with `connected=True` only the
-    8-connected piece of the remaining support holding the largest energy (sum of a^2) is kept (somata; use
-    `connected=False` for dendrites, whose branches may look disconnected); (3) with `normalise=True` the column is
-    divided by its l2 norm. Host-side post-processing (scipy.ndimage.label), not differentiable.
+    For each column a_k: (1) weights below `min_weight * max(a_k)` are set to zero; (2) with `median > 1` the footprint
+    image is replaced by its `median` x `median` median filter (zeros outside the field of view; CaImAn's `medw`),
+    and (1) is applied again with the new maximum; (3) with `connected=True` only the 8-connected piece of the
+    remaining support holding the largest energy (sum of a^2) is kept (somata; use `connected=False` for dendrites,
+    whose branches may look disconnected); (4) with `normalise=True` the column is divided by its l2 norm. Host-side
+    post-processing (scipy.ndimage), not differentiable.
+
+    The median filter is for somata: a dim cell's footprint from a least-squares update on noisy pixels is speckled
+    (every pixel's noise above zero is kept, below is clipped), and its pieces fall apart at any threshold; a 3 x 3
+    median keeps a blob of a neuron's size whole and removes isolated pixels. It would erase processes one or two
+    pixels wide: keep `median=1` for dendrites and axons.
 
     **Arguments:**
 
@@ -126,6 +135,7 @@ def cleanup_footprints(
     - `connected`: keep only the most energetic connected piece.
     - `min_weight`: relative weight below which a pixel is dropped (0 keeps all positive weights).
     - `normalise`: scale each non-empty column to unit l2 norm.
+    - `median`: odd size in pixels of the median filter (1: none).
     - `block`: components cleaned at a time (memory: the float64 work arrays are (d, block)).
 
     **Returns:** `(A_clean, norms)`: A_clean (d, K) (same dtype as A), norms (K,) the l2 norm of each cleaned column
@@ -135,6 +145,9 @@ def cleanup_footprints(
     A_in = jnp.asarray(A)
     if A_in.ndim != 2 or A_in.shape[0] != H * W:
         raise ParameterError(f"A: expected shape (H*W, K) = ({H * W}, K) for shape={shape}, got {A_in.shape}.")
+    if isinstance(median, bool) or not isinstance(median, (int, np.integer)) or median < 1 or median % 2 == 0:
+        raise ParameterError(f"median={median!r}: expected an odd number of pixels >= 1 (1: no median filter).")
+    m = int(median) // 2  # the filter's reach: the crops are widened by it (zeros there after step 1)
     host = np.asarray(A_in)
     K = host.shape[1]
     img = host.reshape(H, W, K)
@@ -151,20 +164,31 @@ def cleanup_footprints(
             rows, cols = np.flatnonzero(rows_any[:, j]), np.flatnonzero(cols_any[:, j])
             if rows.size == 0:
                 continue
-            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            r0, r1 = max(rows[0] - m, 0), min(rows[-1] + 1 + m, H)
+            c0, c1 = max(cols[0] - m, 0), min(cols[-1] + 1 + m, W)
             crop = np.ascontiguousarray(part[r0:r1, c0:c1, j])
-            a, n = _cleanup_columns(crop.reshape(-1, 1), r1 - r0, c1 - c0, connected, min_weight, normalise)
+            # past the crop the filter sees zeros: outside the image by definition, inside because step 1 zeroes
+            # every weight outside the box of the kept ones (the crop reaches m pixels past it)
+            a, n = _cleanup_columns(crop.reshape(-1, 1), r1 - r0, c1 - c0, connected, min_weight, normalise,
+                                    median)
             out[r0:r1, c0:c1, k0 + j] = a.reshape(r1 - r0, c1 - c0)
             norms[k0 + j] = n[0]
     return jax.device_put(out.reshape(H * W, K)), jnp.asarray(norms, A_in.dtype)
 
 
-def _cleanup_columns(a: np.ndarray, H: int, W: int, connected: bool, min_weight: float, normalise: bool):
-    """`cleanup_footprints` on the float64 columns a (d, k) (modified in place); returns (cleaned a, norms)."""
+def _cleanup_columns(a: np.ndarray, H: int, W: int, connected: bool, min_weight: float, normalise: bool,
+                     median: int = 1):
+    """`cleanup_footprints` on the float64 columns a (d, k) of an H x W image (modified in place); returns (cleaned a,
+    norms)."""
     K = a.shape[1]
     a = np.maximum(a, 0.0, out=a)
     peak = a.max(axis=0, initial=0.0)
     a[a < min_weight * peak[None, :]] = 0.0
+    if median > 1 and K:
+        img = ndimage.median_filter(a.T.reshape(K, H, W), size=(1, median, median), mode="constant", cval=0.0)
+        a = np.ascontiguousarray(img.reshape(K, H * W).T)
+        peak = a.max(axis=0, initial=0.0)
+        a[a < min_weight * peak[None, :]] = 0.0
     if connected and K:
         stack = a.T.reshape(K, H, W)
         structure = np.zeros((3, 3, 3), bool)

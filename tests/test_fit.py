@@ -44,6 +44,8 @@ def no_heavy_work(monkeypatch):
         (dict(neuron_radius=3.0, tsub=0), "tsub"),
         (dict(neuron_radius=3.0, tsub=2.5), "tsub"),
         (dict(neuron_radius=3.0, tsub=50), "tsub"),  # 100 frames: bins of 50 leave 2
+        (dict(neuron_radius=3.0, footprint_median=2), "footprint_median"),
+        (dict(neuron_radius=3.0, footprint_median=0), "footprint_median"),
         (dict(neuron_radius=3.0, not_a_knob=1), "unknown fit parameter"),
     ],
 )
@@ -80,6 +82,18 @@ def test_params_are_frozen_documented_and_round_trip():
     assert Params(**d) == prm
     for name in d:
         assert f"`{name}`" in Params.__doc__, name
+
+
+def test_footprint_median_default_follows_the_init():
+    """3 x 3 for somata; none for the shape-following inits (a median erases processes 1-2 pixels wide); an explicit
+    value wins."""
+    from jaxcnmf.fit import footprint_median
+
+    assert footprint_median(Params(neuron_radius=4.0)) == 3
+    assert footprint_median(Params(neuron_radius=1.5, init="dendrite")) == 1
+    assert footprint_median(Params(neuron_radius=1.5, init="sparse_nmf")) == 1
+    assert footprint_median(Params(neuron_radius=4.0, footprint_median=1)) == 1
+    assert footprint_median(Params(neuron_radius=1.5, init="dendrite", footprint_median=5)) == 5
 
 
 def test_accuracy_on_simulated_movie_with_k_not_given():
@@ -229,10 +243,11 @@ def test_real_movie_finds_more_labelled_cells():
     """neurofinder_tr (256x256x600, ~7 Hz, 54 anatomical labels, many silent), about 2 minutes on 2 cores.
 
     Before the greedy init fitted footprints on a disc around each seed, the fit returned 10 components (4 labelled
-    cells: P 0.40, R 0.074). Now about 100 (11 labelled cells: P 0.11, R 0.20, with the default HALS spatial
-    update). Precision against these labels stays low: 52 of the 87 unmatched components overlap no
-    label at all (compact active blobs that the anatomical labels do not hold). The fast check of the init on this
-    movie is in tests/test_init.py.
+    cells: P 0.40, R 0.074). Then about 100 (11 labelled cells: P 0.11, R 0.20, with the default HALS spatial
+    update); with the 3 x 3 median filter of the footprints (`Params.footprint_median`) 93 accepted of 100
+    (12 labelled cells: P 0.13, R 0.22). Precision against these labels stays low: most unmatched components overlap
+    no label at all (compact active blobs that the anatomical labels do not hold). The fast check of the init on
+    this movie is in tests/test_init.py.
     """
     from tests.conftest import shared_path
     from jaxcnmf.io import load_movie
@@ -244,8 +259,8 @@ def test_real_movie_finds_more_labelled_cells():
     res = fit(movie, 4.5, fps=7.0)
     acc = np.asarray(res.accepted, bool)
     m = match_footprints(np.asarray(res.A)[acc], regions)
-    assert m.recall >= 0.18, (m.recall, m.precision, m.n_est)
-    assert m.precision >= 0.09, (m.recall, m.precision, m.n_est)
+    assert m.recall >= 0.2, (m.recall, m.precision, m.n_est)
+    assert m.precision >= 0.115, (m.recall, m.precision, m.n_est)
 
 
 def test_fit_turns_on_the_persistent_compilation_cache_once_and_respects_opt_outs(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
 
 from jaxcnmf.merge import degenerate_components, merge_components, merge_groups, mixture_components, rank1_nmf
 
@@ -96,3 +97,31 @@ def test_mixture_of_two_overlapping_neurons_is_flagged():
     # two overlapping independent neurons are both kept, and thr=1 disables the test
     assert not mixture_components(A[:, [0, 2]], C[[0, 2]]).any()
     assert not mixture_components(A, C, thr=1.0).any()
+
+
+def test_duplicate_components_marks_the_weaker_copy_of_one_footprint():
+    """A footprint fitted twice (cosine 0.99, traces splitting its activity, correlation well below merge_thr) is a
+    duplicate: the weaker copy is marked, the stronger kept; two overlapping neurons (cosine ~0.6) are not."""
+    from jaxcnmf.merge import duplicate_components, trace_correlation
+
+    rng = np.random.default_rng(5)
+    H = W = 20
+    yy, xx = np.mgrid[:H, :W]
+    blob = lambda r, c: np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 8.0).ravel()  # noqa: E731
+    a0 = blob(6, 6)
+    a1 = a0 * (1 + 0.05 * rng.random(H * W))  # the same cell, a slightly different fit
+    a2 = blob(6, 9)  # a neighbour overlapping it
+    a3 = blob(15, 15)  # far away
+    A = np.stack([a0, a1, a2, a3], axis=1)
+    spikes = (rng.random((4, 500)) < 0.03) * rng.random((4, 500))
+    C = np.stack([spikes[0] * 3, spikes[0][::-1] + spikes[1], spikes[2], spikes[3]])  # copy 1 weaker, unrelated
+    cos = lambda i, j: A[:, i] @ A[:, j] / np.linalg.norm(A[:, i]) / np.linalg.norm(A[:, j])  # noqa: E731
+    assert cos(0, 1) > 0.99 and 0.3 < cos(0, 2) < 0.8 and trace_correlation(C)[0, 1] < 0.5
+    np.testing.assert_array_equal(duplicate_components(A, C), [False, True, False, False])
+    np.testing.assert_array_equal(duplicate_components(A, C[[1, 0, 2, 3]]), [True, False, False, False])
+    np.testing.assert_array_equal(duplicate_components(scipy.sparse.csc_matrix(A), C), [False, True, False, False])
+    # three copies: the strongest stays
+    A3 = np.stack([a0, a1, a0 * 0.5], axis=1)
+    np.testing.assert_array_equal(duplicate_components(A3, np.stack([C[1], C[0], C[3]])), [True, False, True])
+    assert not duplicate_components(A[:, [0, 2, 3]], C[[0, 2, 3]]).any()
+    assert not duplicate_components(A[:, :1], C[:1]).any() and duplicate_components(A[:, :0], C[:0]).shape == (0,)

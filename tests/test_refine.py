@@ -90,6 +90,10 @@ def test_sparse_cleanup_and_centres_equal_dense(problem):
     np.testing.assert_allclose(n_sparse, np.asarray(n_dense), rtol=1e-6)
     np.testing.assert_allclose(center_of_mass(sparse, (H, W)), center_of_mass(np.asarray(dense), (H, W)),
                                rtol=1e-6)
+    dense3, n_dense3 = cleanup_footprints(A, (H, W), median=3)  # the median filter reaches past the support
+    sparse3, n_sparse3 = cleanup_sparse(sp.csc_matrix(A), (H, W), median=3)
+    np.testing.assert_allclose(sparse3.toarray(), np.asarray(dense3), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(n_sparse3, np.asarray(n_dense3), rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["hals", "constrained"])

@@ -232,6 +232,67 @@ def test_cleanup_keeps_main_blob_and_normalises():
     assert np.all(np.asarray(kept)[speck.ravel() > 0, 0] > 0)
 
 
+def _cleanup_reference(A, shape, median, min_weight=0.01):
+    """cleanup_footprints(connected=True) written out on the whole image, one column at a time, in float64."""
+    H, W = shape
+    out, norms = np.zeros(A.shape), np.zeros(A.shape[1])
+    for k in range(A.shape[1]):
+        a = np.maximum(np.asarray(A[:, k], np.float64), 0).reshape(H, W)
+        a[a < min_weight * a.max(initial=0)] = 0
+        a = ndimage.median_filter(a, size=median, mode="constant", cval=0.0)
+        a[a < min_weight * a.max(initial=0)] = 0
+        labels, n = ndimage.label(a > 0, structure=np.ones((3, 3)))
+        if n:
+            energy = ndimage.sum_labels(a**2, labels, np.arange(1, n + 1))
+            a = np.where(labels == 1 + int(np.argmax(energy)), a, 0)
+        norms[k] = np.sqrt((a**2).sum())
+        out[:, k] = (a / norms[k] if norms[k] > 0 else a).ravel()
+    return out, norms
+
+
+def test_cleanup_median_equals_whole_image_reference():
+    """The median filter runs on each footprint's crop (widened by its reach): the same result as on the whole image
+    with zeros outside the field, for footprints inside, on the edge and in a corner of the field, any block size."""
+    rng = np.random.default_rng(7)
+    H, W = 21, 17
+    yy, xx = np.mgrid[:H, :W]
+    centres = [(10, 8), (0, 8), (20, 16), (5, 0), (13, 12)]
+    A = np.zeros((H * W, len(centres) + 1), np.float32)
+    for k, (r, c) in enumerate(centres):
+        blob = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 8.0)
+        speckle = (rng.random((H, W)) < 0.08) * rng.random((H, W))  # isolated pixels, some far from the blob
+        A[:, k] = (np.where(blob > 0.05, blob * (0.5 + rng.random((H, W))), 0) + 0.6 * speckle).ravel()
+    ref, n_ref = _cleanup_reference(A, (H, W), 3)  # the last column is empty
+    for block in (1, 4, 64):
+        got, n = cleanup_footprints(A, (H, W), median=3, block=block)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(n), n_ref, rtol=1e-6)
+    got5, _ = cleanup_footprints(A, (H, W), median=5)
+    np.testing.assert_allclose(np.asarray(got5), _cleanup_reference(A, (H, W), 5)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_cleanup_median_keeps_a_speckled_blob_whole():
+    """A dim cell's least-squares footprint is its blob plus noise clipped at zero, with isolated pixels around it
+    (many pieces above 20 % of its peak, which is how contours, masks and matching see it); with the median it is
+    one blob covering the cell, and nothing away from it survives. (On neurofinder_tr the median number of such
+    pieces per fitted footprint went from 6 to 1: `Params.footprint_median`.)"""
+    rng = np.random.default_rng(3)
+    H = W = 25
+    yy, xx = np.mgrid[:H, :W]
+    disc = np.hypot(yy - 12, xx - 12) <= 4.5
+    near = ndimage.binary_dilation(disc)
+    noise = rng.standard_normal((H, W))
+    a = np.maximum(np.where(disc, 1.0, 0.0) + 0.8 * noise, 0) * near  # the cell, noisy pixels clipped at zero
+    a = a + 0.8 * (~near & (rng.random((H, W)) < 0.05))  # isolated noise pixels elsewhere in the window
+    A = a.reshape(-1, 1).astype(np.float32)
+    pieces = lambda x: ndimage.label(np.asarray(x).reshape(H, W) > 0.2 * np.max(x), np.ones((3, 3)))[1]  # noqa: E731
+    assert pieces(a) > 5
+    smooth = np.asarray(cleanup_footprints(A, (H, W), median=3)[0]).reshape(H, W) > 0
+    assert pieces(smooth) == 1
+    assert (smooth & ~near).sum() == 0  # no noise pixel far from the cell survives
+    assert (smooth & disc).sum() >= 0.9 * disc.sum()
+
+
 def test_bad_arguments():
     Y = np.zeros((16, 10))
     with pytest.raises(ParameterError, match="method"):
@@ -242,6 +303,9 @@ def test_bad_arguments():
     with pytest.raises(ParameterError, match="sn"):
         update_spatial(Y, np.zeros((16, 1)), np.zeros((1, 10)), np.zeros((16, 1)), np.ones((1, 10)), np.ones(15),
                        radius=1.0, shape=(4, 4))
+    for bad in (0, 2, -1, 1.5, True):
+        with pytest.raises(ParameterError, match="median"):
+            cleanup_footprints(np.ones((16, 1)), (4, 4), median=bad)
 
 
 def test_blocked_search_areas_cleanup_and_candidates_equal_one_block():
