@@ -227,6 +227,12 @@ def test_cli_fit_reports_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "jaxcnmf fit: error:" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+    movie = tmp_path / "movie.npy"
+    np.save(movie, np.ones((30, 16, 16), np.float32))
+    assert main(["fit", str(movie), "--neuron-radius", "3", "--footprint-median", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "footprint_median=2" in err and "odd" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["movie.npy"]
 
 
 @pytest.mark.slow

@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--spatial-method", choices=("constrained", "hals"), default=None,
                    help="footprint update: hals (default; keeps dim cells' footprints whole) or constrained (the "
                    "per-pixel noise-constrained sparse update)")
+    p.add_argument("--footprint-median", type=int, default=None,
+                   help="median filter of each footprint in pixels, odd (CaImAn medw; default 3 for somata, 1 = "
+                        "none for --init dendrite/sparse_nmf)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--repair-nonfinite", action="store_true",
                    help="interpolate NaN/inf pixels instead of stopping with an error")
@@ -78,6 +81,7 @@ def run(args) -> int:
     overrides = {k: v for k, v in dict(
         p=args.p, nb=args.nb, n_iter=args.n_iter, merge_thr=args.merge_thr, min_snr=args.min_snr,
         rval_thr=args.rval_thr, init=args.init, spatial_method=args.spatial_method, seed=args.seed,
+        footprint_median=args.footprint_median,
     ).items() if v is not None}
     if args.repair_nonfinite:
         overrides["nonfinite"] = "repair"
