@@ -1159,8 +1159,10 @@ def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free
 TRACE_NOISE_METHOD = "mean"  # PSD averaging for traces' sn (see `_estimate`)
 
 
-def _estimate(Y: np.ndarray, g, sn, p: int, length: np.ndarray):
-    """Fill in sn and g with `noise.estimate_noise` / `noise.estimate_ar` where they are not given.
+def _estimate(Y: np.ndarray, g, sn, p: int, length: np.ndarray, *, pilot: bool = False):
+    """Fill in sn and g with `noise.estimate_noise` / `noise.estimate_ar` where they are not given; returns
+    `(g, sn, g1)`, g1 the AR(1) kernel of the same rule when `pilot` and g is estimated (else None), fitted with the
+    same noise cut-off (the pilot of `_pilot_decay`).
 
     The noise band is chosen per trace from its spectrum (`freq_range="auto"`): the fixed 0.25-0.5 band unless the
     trace was resampled or low-pass filtered (`noise.noise_cutoff`, e.g. spikefinder's 100 Hz traces, which hold no
@@ -1203,17 +1205,18 @@ def _estimate(Y: np.ndarray, g, sn, p: int, length: np.ndarray):
     """
     if sn is None:
         sn = np.asarray(noise.estimate_noise(Y, freq_range="auto", length=length, method=TRACE_NOISE_METHOD))
+    g1 = None
     if g is None:
         fc = noise.noise_cutoff(Y, length=length)
-        lags = "auto" if p == 1 else 5
-        g = np.asarray(noise.estimate_ar(Y, p, sn=sn, length=length, noise_cutoff=fc, lags=lags))
-    return g, sn
 
+        def fit(q):  # AR(1) over as many lags as its decay time, AR(2) over 5 extra lags
+            return np.asarray(noise.estimate_ar(Y, q, sn=sn, length=length, noise_cutoff=fc,
+                                                lags="auto" if q == 1 else 5))
 
-def _estimate_pilot(Y: np.ndarray, sn, length: np.ndarray) -> np.ndarray:
-    """The AR(1) kernel `_estimate` would fit (`lags="auto"`), the pilot of the estimated AR(2) kernels' decay."""
-    fc = noise.noise_cutoff(Y, length=length)
-    return np.asarray(noise.estimate_ar(Y, 1, sn=sn, length=length, noise_cutoff=fc, lags="auto"))
+        g = fit(p)
+        if pilot:  # the AR(1) kernel this rule gives, the pilot of the estimated AR(2) kernels' decay
+            g1 = fit(1)
+    return g, sn, g1
 
 
 def deconvolve_batch(
@@ -1298,7 +1301,7 @@ def deconvolve_batch(
     Y = np.where(valid, Y, 0).astype(dtype)
     refine = (g is None and p == 1) if refine_g is None else bool(refine_g)
     pilot = g is None and p == 2 and refine_g is None  # estimated AR(2): decay from a refined AR(1) pilot (`_pilot_decay`)
-    g, sn = _estimate(Y, g, sn, p, length) if (g is None or sn is None) else (g, sn)
+    g, sn, g1 = _estimate(Y, g, sn, p, length, pilot=pilot) if (g is None or sn is None) else (g, sn, None)
     g = np.broadcast_to(np.asarray(g, dtype), (N, p))
     _check_g(g, "g")
     sn = np.broadcast_to(np.asarray(sn, dtype), (N,))
@@ -1308,7 +1311,7 @@ def deconvolve_batch(
             np.full(N, 0.0 if lam is None else lam, dtype), length.astype(np.int32))
     fills = (0, g[0], 1, 0, 0, 0, T)
     if pilot:
-        g1 = np.broadcast_to(np.asarray(_estimate_pilot(Y, sn, length), dtype), (N, 1))
+        g1 = np.broadcast_to(np.asarray(g1, dtype), (N, 1))
         rows, fills = rows + (g1,), fills + (g1[0],)
     options = (b_free, c1_free, lam is None, int(max_iter), p == 2 and float(s_min) == 0.0, float(s_min) == 0.0)
     options1 = options[:4] + (False,) + options[5:]  # the AR(1) pilot's
