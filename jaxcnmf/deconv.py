@@ -55,6 +55,7 @@ determined (the starting value, 0, is returned).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -533,39 +534,43 @@ def _pdas(x, ker: _Kernel, q, lam, active, mask, max_steps: int):
     return active
 
 
-def _update_b_lam(y, a, Mx, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free: bool, lam_free: bool):
+def _update_b_lam(y, a, Mx, mask, sn, length, b, lam, b_fix, lam_fix, *, b_free: bool, lam_free: bool,
+                  axis=None):
     """Baseline and lam in closed form on a fixed pool structure.
 
     With c = M(y - b - lam a), the residual r = y - b - c is affine in (b, lam); b solves sum(r) = 0 and lam the
     quadratic ||r||^2 = sn^2 length (its larger root, clipped at 0).
 
     **Arguments:**
-    - `y`: data (zero at padded frames); `a`: penalty weights; `Mx`: `(T, 3)` = M applied to (y, 1, a).
+    - `y`: data (zero at padded frames); `a`: penalty weights; `Mx`: M applied to (y, 1, a), three arrays like `y`.
     - `mask`: valid frames; `sn`, `length`: noise level and number of valid frames.
     - `b`, `lam`: current values (kept where the closed form is undetermined); `b_fix`, `lam_fix`: fixed values.
     - `b_free`, `lam_free`: which of them are estimated.
+    - `axis`: the frames' axis when the arrays hold several traces (`(T, N)` with `axis=0`; then the scalars are
+      `(N,)`); None: one trace.
 
     **Returns:** `(b, lam)`.
     """
     dt = y.dtype
-    r0 = jnp.where(mask, y - Mx[:, 0], 0)
-    e = jnp.where(mask, 1 - Mx[:, 1], 0)
-    ua = Mx[:, 2]
+    total = lambda x: jnp.sum(x, axis=axis)
+    r0 = jnp.where(mask, y - Mx[0], 0)
+    e = jnp.where(mask, 1 - Mx[1], 0)
+    ua = Mx[2]
     if b_free:
-        den = jnp.sum(e)
+        den = total(e)
         ok = jnp.abs(den) > 1e-6 * length
         safe = jnp.where(ok, den, 1)
-        b0 = jnp.where(ok, jnp.sum(r0) / safe, b)
-        b1 = jnp.where(ok, jnp.sum(ua) / safe, 0)
+        b0 = jnp.where(ok, total(r0) / safe, b)
+        b1 = jnp.where(ok, total(ua) / safe, 0)
     else:
         b0, b1 = b_fix, jnp.zeros((), dt)
     if lam_free:
         rho0 = r0 - b0 * e
         rho1 = ua - b1 * e
-        qa = jnp.sum(rho1 * rho1)
-        qb = jnp.sum(rho0 * rho1)
-        qc = jnp.sum(rho0 * rho0) - sn**2 * length
-        lam_new = _lam_root(qa, qb, qc, lam, jnp.sum(a * a))
+        qa = total(rho1 * rho1)
+        qb = total(rho0 * rho1)
+        qc = total(rho0 * rho0) - sn**2 * length
+        lam_new = _lam_root(qa, qb, qc, lam, total(a * a))
     else:
         lam_new = lam_fix
     return b0 + b1 * lam_new, lam_new
@@ -877,6 +882,20 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
 
     **Returns:** a `DeconvResult`.
     """
+    structure, b_guess = _search(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free=b_free, c1_free=c1_free,
+                                 lam_free=lam_free, max_iter=max_iter, exact2=exact2, convex=convex)
+    return _evaluate(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, b_free=b_free, c1_free=c1_free,
+                     lam_free=lam_free, exact2=exact2)
+
+
+def _search(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, lam_free, max_iter, exact2,
+            convex=True):
+    """The non-differentiable half of `_solve` (same arguments): the solution's structure, found behind
+    stop_gradient.
+
+    **Returns:** `(structure, b_guess)`: the pool starts (AR(1), greedy AR(2)) or spike support (exact AR(2)) `(T,)`
+    with the pinned flag, and the baseline the search centred the data on (kept where b is undetermined).
+    """
     T = y.shape[0]
     dt = y.dtype
     t = jnp.arange(T)
@@ -932,7 +951,7 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
                 update, head = _update_b_lam_gram, (gram, _data_sums(y_s, a_s, mask), sn_s, length_f)
             else:
                 Mx = project(ker_s, rhs_fixed, structure, exact, mask, length)
-                update, head = _update_b_lam, (y_s, a_s, Mx, mask, sn_s, length_f)
+                update, head = _update_b_lam, (y_s, a_s, (Mx[:, 0], Mx[:, 1], Mx[:, 2]), mask, sn_s, length_f)
             b_new, lam_new = _b_lam(
                 update, head, b, lam, zero, lam_fix, b_free=b_free, lam_free=lam_free, floor=-b_start
             )
@@ -972,12 +991,38 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     structure = jax.lax.stop_gradient(structure)
     b_guess = jax.lax.stop_gradient(b_start)
 
-    # --- the solution on the final structure: differentiable in y, g, sn ---
-    ker, a, y_d, d = prepare(y, g)
+    return structure, b_guess
+
+
+def _evaluate(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, *, b_free, c1_free, lam_free, exact2):
+    """The differentiable half of `_solve`: the solution on the `structure` `_search` found, in closed form (a
+    projection and the (b, lam) update), differentiable in y, g and sn.
+
+    **Returns:** a `DeconvResult`.
+    """
+    T = y.shape[0]
+    dt = y.dtype
+    if g.shape[0] == 1 and not exact2:
+        col = lambda v: jnp.reshape(jnp.asarray(v, dt), (1,))
+        out = _evaluate_ar1(y[:, None], col(g[0]), col(sn), col(b_fix), col(c1_fix), col(lam_fix),
+                            jnp.reshape(length, (1,)), structure[0][:, None], jnp.reshape(structure[1], (1,)),
+                            col(b_guess), b_free=b_free, c1_free=c1_free, lam_free=lam_free)
+        return DeconvResult(c=out.c[:, 0], s=out.s[:, 0], b=out.b[0], c1=out.c1[0], g=g, sn=out.sn[0], lam=out.lam[0])
+    t = jnp.arange(T)
+    mask = t < length
+    zero = jnp.zeros((), dt)
+    ker = _kernel(g, T)
+    a = _penalty_weights(g, T, length, c1_free)
+    d = ker.hh[2 : T + 2]
+    y_d = jnp.where(mask, y - (0 if c1_free else c1_fix * d), 0)
     rhs = jnp.stack([y_d, mask.astype(dt), a], axis=1)
-    Mx = project(ker, rhs, structure)
-    b, lam = _b_lam(_update_b_lam, (y_d, a, Mx, mask, sn, length_f), b_guess, lam0, b_fix, lam_fix, b_free=b_free,
-                    lam_free=lam_free, floor=zero)
+    if exact2:
+        Mx = _project(ker, rhs, structure[0], mask)
+    else:
+        Mx = _on_pools(rhs, structure[0], structure[1], ker, length)
+    lam0 = zero if lam_free else lam_fix
+    b, lam = _b_lam(_update_b_lam, (y_d, a, (Mx[:, 0], Mx[:, 1], Mx[:, 2]), mask, sn, length.astype(dt)), b_guess,
+                    lam0, b_fix, lam_fix, b_free=b_free, lam_free=lam_free, floor=zero)
     c = Mx[:, 0] - b * Mx[:, 1] - lam * Mx[:, 2]
     c_prev1 = jnp.concatenate([jnp.zeros(1, dt), c[:-1]])
     c_prev2 = jnp.concatenate([jnp.zeros(2, dt), c[:-2]])
@@ -989,6 +1034,74 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
         c1 = jnp.asarray(c1_fix, dt)
         c = jnp.where(mask, c + c1 * d, 0)
     return DeconvResult(c=c, s=s, b=jnp.asarray(b, dt), c1=c1, g=g, sn=jnp.asarray(sn, dt), lam=jnp.asarray(lam, dt))
+
+
+def _evaluate_ar1(Y, g, sn, b_fix, c1_fix, lam_fix, length, starts, pinned, b_guess, *, b_free, c1_free, lam_free):
+    """`_evaluate` for AR(1) pool structures of N traces at once, in time-major layout ((T, N) arrays).
+
+    Two linear recursions over the frames, each a sequential scan: the pools' sums A_u = sum_k g^k u_(t0+k) of
+    u = (y, 1, a) and their lengths backwards (restarted at each pool's end), then M u = the pools' decaying kernels
+    scaled by A_u / H2(l) forwards; then the closed-form (b, lam) update and c = M (y - b - lam a). With frames along
+    the first axis every step of a scan reads one contiguous row. Vmapped over lane-major (N, T) traces each step
+    gathered a strided column instead (512 x 10,000 traces, one core: 0.61 s for the evaluation, 0.14 s here); and
+    the pool lengths come from the backward scan, not a reverse cumulative minimum (0.11 s alone at that size).
+
+    **Arguments:**
+    - `Y`: `(T, N)` traces; `g`: `(N,)` AR(1) coefficients; `sn`, `b_fix`, `c1_fix`, `lam_fix`, `length`, `pinned`,
+      `b_guess`: `(N,)` (as in `_solve`; `b_guess` is kept where b is undetermined).
+    - `starts`: `(T, N)` pool starts (from `_search`, no gradient).
+    - `b_free`, `c1_free`, `lam_free`: as in `_solve`.
+
+    **Returns:** a `DeconvResult` with `c` and `s` `(T, N)`, `g` `(N, 1)` and the rest `(N,)`.
+    """
+    T, N = Y.shape
+    dt = Y.dtype
+    t = jnp.arange(T)[:, None]
+    L = length[None, :]
+    mask = t < L
+    g_row = g[None, :]
+    lg = jnp.log(g_row)
+    d = jnp.exp(t * lg)  # g^t, the decay of c1
+    a = 1 - g_row * (t + 1 < L) - ((t == 0) if c1_free else 0)
+    a = jnp.where(mask, a, 0).astype(dt)
+    y = jnp.where(mask, Y - (0 if c1_free else c1_fix[None, :] * d), 0)
+    ends = jnp.concatenate([starts[1:], jnp.ones((1, N), bool)]) | (t + 1 >= L)
+    zeros = jnp.zeros(N, dt)
+
+    def backward(carry, row):
+        keep, y_t, a_t, m_t = row
+        Ay, A1, Aa, l = carry
+        gk = jnp.where(keep, g, 0)
+        carry = (gk * Ay + y_t, gk * A1 + m_t, gk * Aa + a_t, jnp.where(keep, l, 0) + 1)
+        return carry, carry
+
+    init = (zeros, zeros, zeros, jnp.zeros(N, jnp.int32))
+    _, (Ay, A1, Aa, l) = jax.lax.scan(backward, init, (~ends, y, a, mask.astype(dt)), reverse=True, unroll=_UNROLL)
+    lg2 = 2 * lg
+    w = jnp.where(starts & ~((t == 0) & pinned[None, :]), jnp.expm1(lg2) / jnp.expm1(l * lg2), 0).astype(dt)
+
+    def forward(carry, row):
+        start, vy, v1, va = row
+        gk = jnp.where(start, 0, g)
+        carry = tuple(gk * c + v for c, v in zip(carry, (vy, v1, va)))
+        return carry, carry
+
+    _, Mx = jax.lax.scan(forward, (zeros,) * 3, (starts, w * Ay, w * A1, w * Aa), unroll=_UNROLL)
+    Mx = tuple(jnp.where(mask, m, 0) for m in Mx)
+    lam0 = zeros if lam_free else lam_fix
+    update = functools.partial(_update_b_lam, axis=0)
+    b, lam = _b_lam(update, (y, a, Mx, mask, sn, length.astype(dt)), b_guess, lam0, b_fix, lam_fix, b_free=b_free,
+                    lam_free=lam_free, floor=zeros)
+    c = Mx[0] - b * Mx[1] - lam * Mx[2]
+    c_prev = jnp.concatenate([jnp.zeros((1, N), dt), c[:-1]])
+    s = jnp.where(starts, c - g_row * c_prev, 0)
+    if c1_free:
+        c1 = c[0]
+        s = s.at[0].set(0)
+    else:
+        c1 = c1_fix
+        c = jnp.where(mask, c + c1[None, :] * d, 0)
+    return DeconvResult(c=c, s=s, b=b, c1=c1, g=g[:, None], sn=sn, lam=lam)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1173,11 +1286,17 @@ def _check_g(g: np.ndarray, name: str) -> None:
 @eqx.filter_jit
 def _batch_core(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_free, lam_free, max_iter, exact2, convex):
     _TRACE_COUNT["batch"] += 1
-    solve = lambda *args: _solve(
-        *args, b_free=b_free, c1_free=c1_free, lam_free=lam_free, max_iter=max_iter, exact2=exact2, convex=convex
-    )
-    return jax.vmap(solve, in_axes=(0, 0, 0, 0, 0, 0, None, 0), axis_name=LANE_AXIS)(
+    flags = dict(b_free=b_free, c1_free=c1_free, lam_free=lam_free, exact2=exact2)
+    search = lambda *args: _search(*args, max_iter=max_iter, convex=convex, **flags)
+    structure, b_guess = jax.vmap(search, in_axes=(0, 0, 0, 0, 0, 0, None, 0), axis_name=LANE_AXIS)(
         Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length
+    )
+    if g.shape[1] == 1 and not exact2:  # AR(1) pools: the whole batch at once in time-major layout
+        out = _evaluate_ar1(Y.T, g[:, 0], sn, b_fix, c1_fix, lam_fix, length, structure[0].T, structure[1], b_guess,
+                            b_free=b_free, c1_free=c1_free, lam_free=lam_free)
+        return eqx.tree_at(lambda r: (r.c, r.s, r.g), out, (out.c.T, out.s.T, g))
+    return jax.vmap(lambda *args: _evaluate(*args, **flags))(
+        Y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess
     )
 
 
