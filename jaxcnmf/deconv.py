@@ -614,8 +614,9 @@ def _b_lam_settled(b_new, b, lam_new, lam, b_scale):
 def _pool_sums_ar1(t0, n, a, ker: _Kernel, mask):
     """For AR(1) pools `(t0, n)` (as `_pav` returns them): which rows are pools, their lengths l, and their sums
     A_1 = sum_k g^k and A_a = sum_k g^k a_(t0+k) in closed form (a is 1 - g except at the first and last frames).
+    `t0` may have fewer rows than there are frames (`a`, `mask`).
 
-    **Returns:** `(in_use, l, A1, Aa)`, each `(T,)`.
+    **Returns:** `(in_use, l, A1, Aa)`, each shaped like `t0`.
     """
     T = t0.shape[0]
     i = jnp.arange(T)
@@ -625,7 +626,7 @@ def _pool_sums_ar1(t0, n, a, ker: _Kernel, mask):
     L = jnp.sum(mask, dtype=jnp.int32)
     nxt = jnp.concatenate([t0[1:], jnp.full((1,), T, t0.dtype)])
     end = jnp.where(i + 1 < n, nxt, L)
-    l = jnp.where(in_use, jnp.clip(end - t0, 1, T), 1)
+    l = jnp.where(in_use, jnp.clip(end - t0, 1, mask.shape[0]), 1)  # rows may be fewer than frames
     A1 = -jnp.expm1(l * lg) / (1 - g)
     a_first, a_last = a[0] - (1 - g), a[jnp.maximum(L - 1, 0)] - (1 - g)
     Aa = (1 - g) * A1 + jnp.where(t0 == 0, a_first, 0) + jnp.where(end == L, a_last * jnp.exp((l - 1) * lg), 0)
@@ -717,7 +718,7 @@ def _lanes_bound() -> bool:
 
 
 def _nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b0, lam0, lam_fix, floor, *, b_free, lam_free: bool,
-                max_iter: int, first=None):
+                max_iter: int, first=None, cut: bool = False):
     """AR(1): the noise-constrained solution's structure, searched by merging the pools of the structure at (b0, lam0).
 
     In the coordinates u_t = c_t / g^t the AR(1) problem at fixed (b, lam) is a weighted isotonic regression of
@@ -737,19 +738,18 @@ def _nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b0, lam0, lam_fix, flo
       at or above (b0, lam0), e.g. the prefix's answer); other lanes start from the (b, lam) update on the pools at
       (b0, lam0). From the frames' fine pools that update overshoots b (the fit follows the noise) and costs one or two
       extra passes over the elements.
+    - `cut`: iterate on fewer rows of elements where they fit (`_ELEMENT_ROWS`).
 
     **Returns:** `(structure, b, lam, safe)`: the pool starts and pinned flag found at the last (b, lam) evaluated,
     the (b, lam) update on it, and whether that evaluation point was >= (b0, lam0) (then the structure is exact).
     """
     T = y_s.shape[0]
     dt = y_s.dtype
-    i = jnp.arange(T)
     zero = jnp.zeros((), dt)
     length_f = length.astype(dt)
     _, pinned0, (e_t0, e_A0, n0) = _pav(jnp.where(mask, y_s - b0 - lam0 * a_s, 0), ker, length, 0.0)
     _, _, A1, Aa = _pool_sums_ar1(e_t0, n0, a_s, ker, mask)
-    steps = 2 * jax.lax.pmax(n0, LANE_AXIS)
-
+    n_max = jax.lax.pmax(n0, LANE_AXIS)
     sums = _data_sums(y_s, a_s, mask)
 
     def update(pools, pinned, b, lam):
@@ -757,26 +757,46 @@ def _nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b0, lam0, lam_fix, flo
         return _b_lam(_update_b_lam_gram, head, b, lam, zero, lam_fix, b_free=b_free, lam_free=lam_free,
                       floor=floor)
 
-    def body(state):
-        b, lam, t0_prev, pinned_prev, it, _, _, _ = state
-        eA = jnp.where(i < n0, e_A0 - (b - b0) * A1 - (lam - lam0) * Aa, 0)
-        _, pinned, pools = _pav(eA, ker, length, 0.0, elem_t0=e_t0, n_elem=n0, steps=steps)
-        same = jnp.all(pools[0] == t0_prev) & (pinned == pinned_prev)
-        b_new, lam_new = update(pools, pinned, b, lam)
-        fixed = _b_lam_settled(b_new, b, lam_new, lam, jnp.abs(b) + sn)
-        return b_new, lam_new, pools[0], pinned, it + 1, same | fixed, b, lam
+    def search(rows):
+        """The iterations on the elements' first `rows` rows (every lane's elements fit in them)."""
+        e_t0r, e_A0r, A1r, Aar = (v[:rows] for v in (e_t0, e_A0, A1, Aa))
+        i = jnp.arange(rows)
 
-    def cond(state):
-        return ~state[5] & (state[4] < max_iter)
+        def body(state):
+            b, lam, t0_prev, pinned_prev, _, it, _, _, _ = state
+            eA = jnp.where(i < n0, e_A0r - (b - b0) * A1r - (lam - lam0) * Aar, 0)
+            _, pinned, pools = _pav(eA, ker, length, 0.0, elem_t0=e_t0r, n_elem=n0, steps=2 * n_max)
+            same = jnp.all(pools[0] == t0_prev) & (pinned == pinned_prev)
+            b_new, lam_new = update(pools, pinned, b, lam)
+            fixed = _b_lam_settled(b_new, b, lam_new, lam, jnp.abs(b) + sn)
+            return b_new, lam_new, pools[0], pinned, pools[2], it + 1, same | fixed, b, lam
 
-    b1, lam1 = update((e_t0, e_A0, n0), pinned0, b0, lam0)
-    if first is not None:
-        b1, lam1 = jnp.where(first[2], first[0], b1), jnp.where(first[2], first[1], lam1)
-    init = (b1, lam1, e_t0, pinned0, jnp.int32(0), jnp.bool_(False), b0, lam0)
-    b, lam, t0, pinned, _, _, b_at, lam_at = jax.lax.while_loop(cond, body, init)
-    starts = jnp.zeros(T, bool).at[t0].set(True, mode="drop")
-    safe = (b_at >= b0) & (lam_at >= lam0)
-    return (starts, pinned), b, lam, safe
+        def cond(state):
+            return ~state[6] & (state[5] < max_iter)
+
+        b1, lam1 = update((e_t0r, e_A0r, n0), pinned0, b0, lam0)
+        if first is not None:
+            b1, lam1 = jnp.where(first[2], first[0], b1), jnp.where(first[2], first[1], lam1)
+        init = (b1, lam1, e_t0r, pinned0, n0, jnp.int32(0), jnp.bool_(False), b0, lam0)
+        b, lam, t0, pinned, n, _, _, b_at, lam_at = jax.lax.while_loop(cond, body, init)
+        starts = jnp.zeros(T, bool).at[jnp.where(i < n, t0, T)].set(True, mode="drop")
+        return (starts, pinned), b, lam, (b_at >= b0) & (lam_at >= lam0)
+
+    # With `cut`, the iterations run on the elements' first T // k rows (k in `_ELEMENT_ROWS`) when the whole batch's
+    # elements fit: the pools' (T,) arrays are mostly unused rows (n0 is about T / 4 on sparse traces) and each
+    # iteration's passes over them (the (b, lam) update, the comparison) cost about as much as the merging.
+    if not cut:
+        return search(T)
+    rows = sorted({max(T // k, 1) for k in _ELEMENT_ROWS} | {T})
+    branch = sum((n_max > r).astype(jnp.int32) for r in rows[:-1])
+    return jax.lax.switch(branch, [functools.partial(search, r) for r in rows])
+
+
+_ELEMENT_ROWS = (2,)
+"""Row cuts of `_nested_ar1`'s elements (T // k rows), one compiled branch each. 512 x 10,000 AR(1) traces on one
+core: 1.62 s with none, 1.39 s with (2,) (n0 <= 0.27 T there), 1.33 s with (4, 2); each branch adds about 1.7 s to
+the first compilation (5.8 s with none), so only the half is kept. Only the full-length search (`cut=True`, traces
+of at least 4 `_PREFIX` frames) uses them."""
 
 
 def _prefix_problem(y_s, mask, length, g, c1_free: bool):
@@ -815,9 +835,9 @@ def _search_nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b_start, lam_in
     floor = -b_start  # b = 0 in absolute terms (b is relative to b_start)
     nonneg = b_free == "nonneg"
     clamp = (lambda b: jnp.maximum(b, floor)) if nonneg else (lambda b: b)
-    search = lambda y, a, m, n, b0, lam0, first=None: _nested_ar1(y, a, m, n, ker, sn, b0, lam0, lam_fix, floor,
-                                                                   b_free=b_free, lam_free=lam_free,
-                                                                   max_iter=max_iter, first=first)
+    search = lambda y, a, m, n, b0, lam0, first=None, cut=False: _nested_ar1(
+        y, a, m, n, ker, sn, b0, lam0, lam_fix, floor, b_free=b_free, lam_free=lam_free, max_iter=max_iter,
+        first=first, cut=cut)
     b_pre, lam_pre = clamp(zero), lam_init
     if long:
         prefix = _prefix_problem(y_s, mask, length, jnp.reshape(ker.g1, (1,)), c1_free)
@@ -838,7 +858,7 @@ def _search_nested_ar1(y_s, a_s, mask, length, ker: _Kernel, sn, b_start, lam_in
         b0, lam0 = lowered(b_lo, lam_lo, k)
         # the first round evaluates its first structure at the prefix's answer (above its start by the margin)
         first = (clamp(b_pre) if b_free else zero, lam_pre if lam_free else lam_fix, jnp.bool_(long) & (k == 0))
-        structure, b, lam, safe = search(y_s, a_s, mask, length, b0, lam0, first)
+        structure, b, lam, safe = search(y_s, a_s, mask, length, b0, lam0, first, cut=long)
         return k + 1, jnp.minimum(b0, b), jnp.minimum(lam0, lam), structure, b, lam, safe
 
     def cond(state):

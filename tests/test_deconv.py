@@ -376,6 +376,22 @@ def test_ar1_nested_search_from_a_start_above_the_answer(monkeypatch, rounds):
     np.testing.assert_allclose(np.asarray(out.b), np.asarray(plain.b), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", [(2,), (4, 2), ()], ids=["half", "quarter", "all"])
+def test_ar1_nested_search_on_cut_element_rows(monkeypatch, rows):
+    """The nested search's iterations run on the first T / 4 or T / 2 rows of its elements when every lane's elements
+    fit (a switch on the batch's largest count): the answer is the certified optimum and the same as on all rows."""
+    monkeypatch.setattr(deconv, "_ELEMENT_ROWS", rows)
+    rng = np.random.default_rng(7)
+    T, g, sn = 4200 + len(rows), AR1, 0.3  # a new length per case: a fresh compilation reads _ELEMENT_ROWS
+    Y = np.stack([R.simulate_trace(rng, T, g, sn, rate=r, b=1.0) for r in (0.01, 0.03, 0.1, 0.3)])
+    sns = np.full(4, sn)
+    with jax.enable_x64(True):
+        out = deconvolve_batch(Y, np.array(g), sns)
+        plain = jax.vmap(lambda y, s: deconvolve(y, jnp.asarray(g), s))(jnp.asarray(Y), jnp.asarray(sns))
+    _check_certified(Y, g, sns, [T] * 4, out, tol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.c), np.asarray(plain.c), rtol=1e-6, atol=1e-8 * np.ptp(Y))
+
+
 @pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
 def test_cpu_row_blocks_match_one_batch(monkeypatch, g):
     """On CPU the rows are solved in blocks of at most CPU_BLOCK_ROWS[p] (cache-sized; here 48: 130 rows -> 3 blocks,
