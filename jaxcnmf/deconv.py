@@ -33,7 +33,8 @@ How it is solved:
 3. The returned solution is recomputed from the final pool structure with plain differentiable array code, with the
    search itself behind `stop_gradient`: `jax.grad` of anything computed from the result differentiates the exact
    solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
-   iterations.
+   iterations. `deconvolve_batch` evaluates AR(1) solutions for its whole batch at once with frames along the first
+   axis (`_evaluate_ar1`), where each step of the two linear recursions reads a contiguous row.
 
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
 rule of Friedrich et al. 2017) is only close; here it is a warm start for an exact primal-dual active-set method on

@@ -353,6 +353,18 @@ def test_gradients_match_finite_differences(g, lam):
         assert float(gg[j]) == pytest.approx(fd, rel=1e-4, abs=1e-5)
 
 
+def _check_nested_equals_frame_level(Y, g, sn):
+    """`deconvolve_batch` (whose AR(1) search nests pool structures under the shared lane bound) gives the certified
+    optimum, equal to the frame-level search of a plain vmap (no shared lane bound, so never nested), in float64."""
+    sns = np.full(len(Y), sn)
+    with jax.enable_x64(True):
+        out = deconvolve_batch(Y, np.array(g), sns)
+        plain = jax.vmap(lambda y, s: deconvolve(y, jnp.asarray(g), s))(jnp.asarray(Y), jnp.asarray(sns))
+    _check_certified(Y, g, sns, [Y.shape[1]] * len(Y), out, tol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.c), np.asarray(plain.c), rtol=1e-6, atol=1e-8 * np.ptp(Y))
+    np.testing.assert_allclose(np.asarray(out.b), np.asarray(plain.b), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("rounds", [deconv._ROUNDS, 1], ids=["default", "fallback"])
 def test_ar1_nested_search_from_a_start_above_the_answer(monkeypatch, rounds):
     """The AR(1) nested pool search starts from the (b, lam) of the first 1,024 frames; traces whose prefix is busier
@@ -367,13 +379,7 @@ def test_ar1_nested_search_from_a_start_above_the_answer(monkeypatch, rounds):
     Y[1, :1024] += R.simulate_trace(rng, 1024, g, 0.0, rate=0.3, b=0.0)  # a burst: the prefix's lam is too high
     Y[2, 1024:] -= 0.9  # the rest lower: b near the floor
     Y[3] = sn * rng.standard_normal(T) + 0.5  # noise only: lam = 0 answer region
-    sns = np.full(6, sn)
-    with jax.enable_x64(True):
-        out = deconvolve_batch(Y, np.array(g), sns)
-        plain = jax.vmap(lambda y, s: deconvolve(y, jnp.asarray(g), s))(jnp.asarray(Y), jnp.asarray(sns))
-    _check_certified(Y, g, sns, [T] * 6, out, tol=1e-6)
-    np.testing.assert_allclose(np.asarray(out.c), np.asarray(plain.c), rtol=1e-6, atol=1e-8 * np.ptp(Y))
-    np.testing.assert_allclose(np.asarray(out.b), np.asarray(plain.b), rtol=1e-6, atol=1e-9)
+    _check_nested_equals_frame_level(Y, g, sn)
 
 
 def test_ar1_nested_search_on_cut_element_rows(monkeypatch):
@@ -385,12 +391,7 @@ def test_ar1_nested_search_on_cut_element_rows(monkeypatch):
     rng = np.random.default_rng(7)
     T, g, sn = 4202, AR1, 0.3  # a length of its own: a fresh compilation reads _ELEMENT_ROWS
     Y = np.stack([R.simulate_trace(rng, T, g, sn, rate=r, b=1.0) for r in (0.01, 0.03, 0.1, 0.3)])
-    sns = np.full(4, sn)
-    with jax.enable_x64(True):
-        out = deconvolve_batch(Y, np.array(g), sns)
-        plain = jax.vmap(lambda y, s: deconvolve(y, jnp.asarray(g), s))(jnp.asarray(Y), jnp.asarray(sns))
-    _check_certified(Y, g, sns, [T] * 4, out, tol=1e-6)
-    np.testing.assert_allclose(np.asarray(out.c), np.asarray(plain.c), rtol=1e-6, atol=1e-8 * np.ptp(Y))
+    _check_nested_equals_frame_level(Y, g, sn)
 
 
 @pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
