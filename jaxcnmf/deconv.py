@@ -639,10 +639,10 @@ def _pool_gram_ar1(pools, pinned, a, ker: _Kernel, mask):
 
     With the pools' sums A_x (of the data they were built on), A_1 and A_a (closed forms, `_pool_sums_ar1`) and
     weights w = 1/H2(l) (0 on unused rows and on a pinned first pool): `(w A_x A_1, w A_1^2, w A_a A_1, w A_x^2,
-    w A_x A_a, w A_a^2)`, each summed. They are computed once a structure and shared by the free and the fixed-baseline
-    update of a non-negative baseline (`_update_b_lam_gram`): a pass over the pools' (T,) arrays is the iteration's
-    main cost besides the merging itself (512 x 10,000 frames on one core: 120 ms for the update done twice frame by
-    frame, 80 ms for these sums once).
+    w A_x A_a, w A_a^2)`, each summed. They are computed once per structure and shared by the free and the
+    fixed-baseline update of a non-negative baseline (`_update_b_lam_gram`): a pass over the pools' (T,) arrays is the
+    iteration's main cost besides the merging itself (512 x 10,000 traces on one core: the earlier update from the
+    pool arrays took 120 ms, done twice for a non-negative baseline; these sums take 80 ms, once).
 
     **Returns:** `(T,)`-summed scalars as a `(6,)` array.
     """
@@ -1064,7 +1064,7 @@ def _evaluate_ar1(Y, g, sn, b_fix, c1_fix, lam_fix, length, starts, pinned, b_gu
     u = (y, 1, a) and their lengths backwards (restarted at each pool's end), then M u = the pools' decaying kernels
     scaled by A_u / H2(l) forwards; then the closed-form (b, lam) update and c = M (y - b - lam a). With frames along
     the first axis every step of a scan reads one contiguous row. Vmapped over lane-major (N, T) traces each step
-    gathered a strided column instead (512 x 10,000 traces, one core: 0.61 s for the evaluation, 0.14 s here); and
+    gathered a strided column instead (512 x 10,000 traces, one core: 0.61 s for the evaluation, 0.27 s here); and
     the pool lengths come from the backward scan, not a reverse cumulative minimum (0.11 s alone at that size).
 
     **Arguments:**
