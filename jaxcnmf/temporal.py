@@ -1,7 +1,8 @@
 """The temporal stage: denoised calcium C, spikes S and kinetics g of every component, with the footprints A fixed.
 
 It sits in the fit loop after the spatial and background updates (`fit.py` composes them): block-coordinate descent
-over groups of spatially disjoint components, each group deconvolved at once by `deconv.deconvolve` (vmapped).
+over groups of spatially disjoint components, each group deconvolved at once by `deconv.deconvolve_rows` (the
+per-trace `deconv.deconvolve` on every row, as one batched computation).
 """
 
 from __future__ import annotations
@@ -204,11 +205,11 @@ def _finish(AY, AA, Ab, state) -> TemporalResult:
     )
 
 
-def _lane_deconv(p, deconv_kw):
-    from .deconv import LANE_AXIS, deconvolve
+def _lane_deconv(deconv_kw):
+    """The group's deconvolution: `deconv.deconvolve` on every row, as one batched computation (`deconvolve_rows`)."""
+    from .deconv import deconvolve_rows
 
-    # the lanes share loop bounds under LANE_AXIS (AR(1)'s nested pool search needs it)
-    return jax.vmap(functools.partial(deconvolve, p=p, **deconv_kw), axis_name=LANE_AXIS)
+    return functools.partial(deconvolve_rows, **deconv_kw)
 
 
 @eqx.filter_jit
@@ -218,7 +219,7 @@ def _update_temporal_core(
     AYp, AAp, Abp, Cp = _pad_stats(AY, AA, Ab, C)
     stats, stats_b = (AYp, AAp, Abp), (bY, Ab.T, bb)
     K = C.shape[0]
-    deconv = _lane_deconv(p, deconv_kw)
+    deconv = _lane_deconv(deconv_kw)
     inputs = functools.partial(_group_inputs, p=p, estimate_sn=sn_fixed is None, estimate_g=g_fixed is None)
 
     def group_step(state, idx):
@@ -252,8 +253,8 @@ _finish_jit = jax.jit(_finish)
 
 
 @functools.lru_cache(maxsize=32)
-def _lane_deconv_jit(p, deconv_items):
-    return jax.jit(_lane_deconv(p, dict(deconv_items)))
+def _lane_deconv_jit(deconv_items):
+    return jax.jit(_lane_deconv(dict(deconv_items)))
 
 
 def _update_temporal_threaded(
@@ -261,14 +262,14 @@ def _update_temporal_threaded(
 ):
     """`_update_temporal_core` driven from the host, for the CPU backend: the same steps in the same order, but each
     group's deconvolution split into `threads` equal sets of lanes solved at once from a thread pool (XLA runs a
-    vmapped deconvolution's sequential pool merging on one core; the lanes are independent). Concrete inputs only
+    batched deconvolution's sequential scans on one core; the lanes are independent). Concrete inputs only
     (not differentiable: `update_temporal` uses the core whenever it is traced)."""
     from ._threads import Pool
 
     K = C.shape[0]
     stats, state = _start_jit(AY, AA, Ab, C, f, g_fixed, sn_fixed, p)
     stats_b = (bY, Ab.T, bb)
-    deconv = _lane_deconv_jit(p, tuple(sorted(deconv_kw.items())))
+    deconv = _lane_deconv_jit(tuple(sorted(deconv_kw.items())))
     groups = np.asarray(groups)
     M = groups.shape[1]
     n_parts = max(1, min(int(threads), M))

@@ -116,7 +116,7 @@ def test_recovers_true_traces_on_true_footprints(p):
     assert temporal._update_temporal_core._cached._cache_size() == n
     pieces = (temporal._start_jit, temporal._inputs_jit, temporal._apply_jit, temporal._f_step_jit,
               temporal._finish_jit)
-    deconv = temporal._lane_deconv_jit(p, tuple(sorted(dict(lam=None, s_min=0.0, baseline=True, c1=True).items())))
+    deconv = temporal._lane_deconv_jit(tuple(sorted(dict(lam=None, s_min=0.0, baseline=True, c1=True).items())))
     update_temporal(Y1, m["A"], np.zeros_like(m["C"]), m["b"], m["f"], p=p, n_sweeps=2, threads=2)
     sizes = [fn._cache_size() for fn in pieces + (deconv,)]
     assert min(sizes) >= 1
