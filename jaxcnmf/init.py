@@ -398,7 +398,12 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-PREPARE_BLOCK = 1 << 22  # elements (16 MB of float32) per block of `_prepare`'s passes over the movie
+PREPARE_BLOCK = 1 << 22  # elements (16 MB of float32) per block of `bin_frames`' pass over the movie
+# elements per block of `_prepare`'s filter pass (1 MB of float32: the filter's intermediates stay in a core's L2
+# cache) and of its scoring pass (8 MB: the scans' (T, rows W) arrays stay near the cache); on 256x256x1000 (one core)
+# 16 MB blocks took 0.89 s to filter and 0.97 s to score (with the |diff B| medians), these 0.43 and 0.66 s
+FILTER_BLOCK = 1 << 18
+SCORE_BLOCK = 1 << 21
 
 
 @partial(jax.jit, donate_argnums=(0, 1))
@@ -443,19 +448,20 @@ def _block_of(Y, t0: int, n: int) -> jax.Array:
     return jax.device_put(Y[t0 : t0 + n]) if isinstance(Y, np.ndarray) else Y[t0 : t0 + n]
 
 
-def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
+def _prepare(Y, g, box, *, pad, n_smooth, n_slow, frames_block: int = FILTER_BLOCK, rows_block: int = SCORE_BLOCK):
     """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps.
 
     Medians run on the host (numpy's selection is many times faster than a sort on XLA's CPU backend): the median
     image over at most MEDIAN_SAMPLES (400) evenly spaced frames, B's noise as median(|diff B|) / 0.6745 / sqrt 2.
-    Everything is computed by blocks of about `block` elements, so the memory used on top of the movie Y (numpy or
-    jax, (T, H, W)) is the padded Rp and Bp and a few blocks: R and B frame by frame, written into preallocated
-    Rp and Bp; the per-pixel energy, peak and noise (which need whole time series) by blocks of image rows.
+    Everything is computed by blocks, so the memory used on top of the movie Y (numpy or jax, (T, H, W)) is the
+    padded Rp and Bp and a few blocks: R and B by blocks of about `frames_block` elements of whole frames, written
+    into preallocated Rp and Bp; the per-pixel energy, peak and noise (which need whole time series) by blocks of
+    about `rows_block` elements of image rows.
     """
     T, H, W = Y.shape
     dtype = Y.dtype
     step = 1 if T <= MEDIAN_SAMPLES else -(-T // MEDIAN_SAMPLES)  # as `_evenly_spaced(Y, MEDIAN_SAMPLES)`
-    rows = int(min(H, max(1, block // max(1, T * W))))
+    rows = int(min(H, max(1, rows_block // max(1, T * W))))
     median = np.empty((H, W), dtype)
     # the host medians run in a thread per core (numpy's selection releases the GIL), and those of |diff B| while
     # XLA computes the next block's scores: 0.8 of the 2.5 s this took on 256x256 (1000 binned frames), 2 cores
@@ -468,11 +474,11 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, block: int = PREPARE_BLOCK):
 
         shape = (T, H + 2 * pad, W + 2 * pad)
         Rp, Bp = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-        nt = int(min(T, max(1, block // (H * W))))
+        nt = int(min(T, max(1, frames_block // (H * W))))
         for t0 in _starts(T, nt):
             Rp, Bp = _fill_frames(Rp, Bp, _block_of(Y, t0, nt), median, g, box, jnp.asarray(t0, jnp.int32))
-            Rp.block_until_ready()
-            release_free_memory()  # else the C heap keeps each freed block (fragmentation): ~1 padded movie here
+        Rp.block_until_ready()
+        release_free_memory()  # else the C heap keeps the freed blocks (fragmentation)
 
         E, P, sn_b = (np.empty((H, W), dtype) for _ in range(3))
 

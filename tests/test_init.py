@@ -175,8 +175,11 @@ def test_prepare_by_blocks_matches_the_whole_movie_float64_reference():
     g, box = jnp.asarray(g_np, jnp.float32), jnp.asarray(box_np, jnp.float32)
     inner = (slice(None), slice(pad, pad + H), slice(pad, pad + W))
     outs = []
-    for block in (5 * H * W, 3 * T * W, 10**9):  # 5 frames / 1 row, 174 frames / 3 rows, one block of each
-        med, Rp, Bp, sn_b, Ep, Pp = _prepare(Y, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow, block=block)
+    blocks = [(5 * H * W, T * W), (174 * H * W, 3 * T * W), (10**9, 10**9)]  # 5 frames / 1 row, 174 / 3, one block
+    blocks.append((init.FILTER_BLOCK, init.SCORE_BLOCK))  # the defaults
+    for frames_block, rows_block in blocks:
+        med, Rp, Bp, sn_b, Ep, Pp = _prepare(Y, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow,
+                                             frames_block=frames_block, rows_block=rows_block)
         Rp, Bp, Ep, Pp = (np.asarray(x) for x in (Rp, Bp, Ep, Pp))
         assert Rp.shape == Bp.shape == (T, H + 2 * pad, W + 2 * pad)
         assert Ep.shape == Pp.shape == (H + 2 * pad, W + 2 * pad)
@@ -188,7 +191,7 @@ def test_prepare_by_blocks_matches_the_whole_movie_float64_reference():
             np.testing.assert_allclose(got[inner[-got.ndim :]], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
         np.testing.assert_allclose(sn_b, sn, rtol=2e-5)
         outs.append((Rp, Bp, sn_b, Ep, Pp))
-    for other in outs[:2]:  # blocked versus one block: the same float32 arithmetic
+    for other in outs[:2] + outs[3:]:  # blocked versus one block: the same float32 arithmetic
         for x, y in zip(other, outs[2]):
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * np.abs(y).max())
 
