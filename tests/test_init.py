@@ -307,12 +307,12 @@ def test_greedy_finds_the_active_cells_of_a_real_movie():
     assert 40 <= m.n_est <= 300  # stops by itself, well before the safeguard bound (1,030 for this field)
 
 
-def test_ring_median_and_max0_equal_the_jnp_reductions_bit_for_bit():
+def test_ring_median_and_max_over_equal_the_jnp_reductions_bit_for_bit():
     # the greedy round's border median runs on the host (numpy sort, between jitted steps) and its peaks take the
-    # max over frames by a scan (both for speed on XLA's CPU backend): the values must stay exactly those of
+    # max over frames by a loop (both for speed on XLA's CPU backend): the values must stay exactly those of
     # jnp.nanmedian / jnp.max, with masked entries (windows at the image border), an odd and an even number of used
     # entries, and under vmap
-    from jaxcnmf.init import _max0, _ring_median_host, ring_median
+    from jaxcnmf.init import _max_over, _ring_median_host, ring_median
 
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((5, 300, 40)), jnp.float32)
@@ -327,7 +327,31 @@ def test_ring_median_and_max0_equal_the_jnp_reductions_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(ring_median(x[0], use[0])), np.asarray(ref[0]))
     np.testing.assert_array_equal(_ring_median_host(np.asarray(x), np.asarray(use)), np.asarray(ref))
     for arr in (x, x[:, :, 0]):
-        np.testing.assert_array_equal(np.asarray(jax.jit(_max0)(arr * 2.0)), np.asarray(jnp.max(arr * 2.0, axis=0)))
+        got = jax.jit(lambda a: _max_over(lambda t: 2.0 * a[t], 0, a.shape[0]))(arr)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.max(arr * 2.0, axis=0)))
+
+
+def test_peak_above_slow_matches_a_plain_loop():
+    """The transient peak (max over t of the n-frame mean of x minus its running mean over 2 half + 1 frames,
+    truncated at the ends) by its cumulative sums and frame loop equals the formula's plain float64 loop: the
+    n <= 8 path (frames summed per step) and the longer one (a second cumulative sum), traces shorter than the
+    running mean, several pixels at once and under vmap."""
+    rng = np.random.default_rng(4)
+
+    def reference(x, n, half):
+        T = x.shape[0]
+        half, n = min(half, T - 1), min(n, T)
+        xh = np.stack([x[t] - x[max(t - half, 0) : min(t + half, T - 1) + 1].mean(axis=0) for t in range(T)])
+        return np.max([xh[t : t + n].mean(axis=0) for t in range(T - n + 1)], axis=0)
+
+    for T, n, half in ((300, 1, 20), (300, 3, 20), (300, 12, 20), (40, 5, 60), (7, 12, 3)):
+        x = (rng.standard_normal((T, 4, 3)) + 3.0 * (rng.random((T, 4, 3)) < 0.05)).astype(np.float32)
+        ref = reference(x.astype(np.float64), n, half)
+        got = np.asarray(jax.jit(lambda x: _peak_above_slow(x, n, half))(jnp.asarray(x)))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(x).max())
+        pixels = jnp.asarray(x.reshape(T, -1).T)  # one trace per pixel, as the greedy round's progress check
+        by_trace = jax.jit(jax.vmap(lambda v: _peak_above_slow(v, n, half)))(pixels)
+        np.testing.assert_array_equal(np.asarray(by_trace), got.reshape(-1))
 
 
 def test_embedding_windows_equals_the_dense_placement_and_its_centres_of_mass():
