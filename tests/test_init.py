@@ -106,6 +106,39 @@ def test_greedy_respects_K_and_compiles_once(small_sim):
     assert all(f._cache_size() - b <= 1 for f, b in zip(jitted, before)), [f._cache_size() for f in jitted]
 
 
+def test_greedy_round_subtracts_only_where_the_footprint_reaches():
+    """The round subtracts a c' from Rp on the support's square (half-width hs) and filter(a) c' from Bp on the
+    square it reaches (hs + hb - h), not the whole windows: the same working movies, bit for bit."""
+    rng = np.random.default_rng(6)
+    T, H, W, h, fit_radius = 50, 30, 32, 5, 3.0
+    g_np, box_np = score_kernels(1.0, h)
+    hb = pad = h + g_np.size // 2
+    Rp = np.zeros((T, H + 2 * pad, W + 2 * pad), np.float32)
+    Rp[:, pad:-pad, pad:-pad] = rng.standard_normal((T, H, W))
+    Rp[:, pad + 10 : pad + 14, pad + 8 : pad + 12] += 4.0 * rng.random((T, 1, 1))  # something to fit
+    g, box = jnp.asarray(g_np, jnp.float32), jnp.asarray(box_np, jnp.float32)
+    Bp = np.asarray(jax.vmap(lambda f: score_filter(f, g, box))(jnp.asarray(Rp)))
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    support = np.hypot(yy, xx) <= fit_radius
+    ring = jnp.asarray(np.flatnonzero(np.maximum(np.abs(yy), np.abs(xx)) == h))
+    inside = jnp.pad(jnp.ones((H, W), bool), pad)
+    centres = jnp.asarray([[12, 10], [0, 31], [25, 3], [0, 0]], jnp.int32)  # two at the image's edges, one padding
+    valid = jnp.asarray([True, True, True, False])
+    a0 = jnp.asarray(np.exp(-0.5 * (yy**2 + xx**2) / 2.0).ravel(), jnp.float32)
+    ring_med = init._ring_medians(jnp.asarray(Rp), centres, ring, inside, h=h, pad=pad)
+    snp = jnp.ones(inside.shape, jnp.float32)
+    outs = []
+    for hs in (h, int(fit_radius)):  # the whole window, the support's square
+        outs.append(_greedy_round(
+            jnp.asarray(Rp), jnp.asarray(Bp), centres, valid, a0, ring, jnp.asarray(support.ravel()), inside, g, box,
+            snp, jnp.asarray(0.0, jnp.float32), ring_med, h=h, hb=hb, hs=hs, pad=pad, n_iter=5, n_smooth=1, n_slow=10,
+        ))
+    assert bool(np.asarray(outs[0][-1])[:3].all())  # all three fits kept: each subtracted something
+    assert not np.array_equal(np.asarray(outs[0][0]), Rp)
+    for x, y in zip(*outs):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_greedy_on_pure_noise_finds_almost_nothing():
     rng = np.random.default_rng(0)
     movie = (100.0 + rng.standard_normal((300, 48, 48))).astype(np.float32)
