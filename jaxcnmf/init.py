@@ -242,23 +242,32 @@ def ring_median(x: jax.Array, use: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("h", "pad"))
-def _ring_pixels(Rp, centres, ring, inside, *, h, pad):
-    """The border-ring pixels of every window of a greedy round: (n, T, m) values of Rp and (n, m) inside flags."""
+def _ring_pixels(Rp, centres, inside, *, h, pad):
+    """The border-ring pixels of every window of a greedy round: (n, T, m) values of Rp and (n, m) inside flags, m =
+    4 (w - 1): the window's top row, bottom row, left and right columns (the ring's order does not change a median).
+
+    Cut as four strips of Rp: gathering the ring from each (T, w, w) window took 21 ms a round on 256x256x1000
+    (16 windows of 21x21), the strips 4 ms."""
     T = Rp.shape[0]
     w, off = 2 * h + 1, pad - h
 
     def one(rc):
-        X = lax.dynamic_slice(Rp, (0, rc[0] + off, rc[1] + off), (T, w, w)).reshape(T, w * w)
-        ins = lax.dynamic_slice(inside, (rc[0] + off, rc[1] + off), (w, w)).reshape(w * w)
-        return X[:, ring], ins[ring]
+        r0, c0 = rc[0] + off, rc[1] + off
+        top = lax.dynamic_slice(Rp, (0, r0, c0), (T, 1, w)).reshape(T, w)
+        bottom = lax.dynamic_slice(Rp, (0, r0 + w - 1, c0), (T, 1, w)).reshape(T, w)
+        left = lax.dynamic_slice(Rp, (0, r0 + 1, c0), (T, w - 2, 1)).reshape(T, w - 2)
+        right = lax.dynamic_slice(Rp, (0, r0 + 1, c0 + w - 1), (T, w - 2, 1)).reshape(T, w - 2)
+        ins = lax.dynamic_slice(inside, (r0, c0), (w, w))
+        use = jnp.concatenate([ins[0], ins[-1], ins[1:-1, 0], ins[1:-1, -1]])
+        return jnp.concatenate([top, bottom, left, right], axis=1), use
 
     return jax.vmap(one)(centres)
 
 
-def _ring_medians(Rp, centres, ring, inside, *, h, pad) -> jax.Array:
+def _ring_medians(Rp, centres, inside, *, h, pad) -> jax.Array:
     """`ring_median` of every window of a greedy round, (n, T), where it is fastest: on the host for the CPU backend
     (between jitted computations, never inside one), else in XLA."""
-    x, use = _ring_pixels(Rp, centres, ring, inside, h=h, pad=pad)
+    x, use = _ring_pixels(Rp, centres, inside, h=h, pad=pad)
     if jax.default_backend() != "cpu":
         return ring_median(x, use)
     return jnp.asarray(_ring_median_host(np.asarray(jax.block_until_ready(x)), np.asarray(use)))
@@ -942,7 +951,7 @@ def greedy_init(
         centres[:n] = chosen
         valid = np.arange(batch) < n
         centres = jnp.asarray(centres)
-        ring_med = _ring_medians(Rp, centres, ring, inside, h=h, pad=pad)
+        ring_med = _ring_medians(Rp, centres, inside, h=h, pad=pad)
         Rp, Bp, a, c, q, kept = _greedy_round(
             Rp, Bp, centres, jnp.asarray(valid), a0, ring, support, inside, g, box, snp,
             jnp.asarray(snr_stop, dtype), ring_med, h=h, hb=hb, hs=hs, pad=pad,

@@ -125,7 +125,7 @@ def test_greedy_round_subtracts_only_where_the_footprint_reaches():
     centres = jnp.asarray([[12, 10], [0, 31], [25, 3], [0, 0]], jnp.int32)  # two at the image's edges, one padding
     valid = jnp.asarray([True, True, True, False])
     a0 = jnp.asarray(np.exp(-0.5 * (yy**2 + xx**2) / 2.0).ravel(), jnp.float32)
-    ring_med = init._ring_medians(jnp.asarray(Rp), centres, ring, inside, h=h, pad=pad)
+    ring_med = init._ring_medians(jnp.asarray(Rp), centres, inside, h=h, pad=pad)
     snp = jnp.ones(inside.shape, jnp.float32)
     outs = []
     for hs in (h, int(fit_radius)):  # the whole window, the support's square
@@ -362,6 +362,26 @@ def test_ring_median_and_max_over_equal_the_jnp_reductions_bit_for_bit():
     for arr in (x, x[:, :, 0]):
         got = jax.jit(lambda a: _max_over(lambda t: 2.0 * a[t], 0, a.shape[0]))(arr)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.max(arr * 2.0, axis=0)))
+
+
+def test_ring_medians_take_the_window_border():
+    """`_ring_medians` (the border cut as four strips, medians on the host) equals jnp.nanmedian over the border
+    pixels gathered from each whole window, inside and at the image's edges and corners."""
+    rng = np.random.default_rng(7)
+    T, H, W, h, pad = 30, 20, 24, 4, 6
+    Rp = jnp.asarray(rng.standard_normal((T, H + 2 * pad, W + 2 * pad)), jnp.float32)
+    inside = jnp.pad(jnp.ones((H, W), bool), pad)
+    centres = jnp.asarray([[10, 12], [0, 0], [19, 23], [0, 13], [7, 23]], jnp.int32)
+    w = 2 * h + 1
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    ring = np.flatnonzero(np.maximum(np.abs(yy), np.abs(xx)) == h)
+    ref = []
+    for r0, c0 in np.asarray(centres) + pad - h:
+        X = np.asarray(Rp[:, r0 : r0 + w, c0 : c0 + w]).reshape(T, -1)[:, ring]
+        use = np.asarray(inside[r0 : r0 + w, c0 : c0 + w]).ravel()[ring]
+        ref.append(jnp.nanmedian(jnp.where(jnp.asarray(use), jnp.asarray(X), jnp.nan), axis=-1))
+    got = init._ring_medians(Rp, centres, inside, h=h, pad=pad)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.stack(ref)))
 
 
 def test_peak_above_slow_matches_a_plain_loop():
