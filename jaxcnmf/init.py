@@ -466,6 +466,18 @@ def _block_of(Y, t0: int, n: int) -> jax.Array:
     return jax.device_put(Y[t0 : t0 + n]) if isinstance(Y, np.ndarray) else Y[t0 : t0 + n]
 
 
+def _median0(x: np.ndarray) -> np.ndarray:
+    """`np.median(x, axis=0)` of a finite floating (n, ...) array, bit for bit: one selection on the transposed
+    (contiguous) pixel rows and, for even n, the max of the lower part as the other middle value. numpy's own axis-0
+    median (two selections across strided rows) took 0.31 s on 334 x 256 x 256, this 0.09 s."""
+    n = x.shape[0]
+    rows = np.ascontiguousarray(x.reshape(n, -1).T)
+    k = n // 2
+    part = np.partition(rows, k, axis=1)
+    mid = part[:, k] if n % 2 else (part[:, :k].max(axis=1) + part[:, k]) / np.asarray(2, x.dtype)
+    return mid.reshape(x.shape[1:])
+
+
 def _prepare(Y, g, box, *, pad, n_smooth, n_slow, frames_block: int = FILTER_BLOCK, rows_block: int = SCORE_BLOCK):
     """Median image, padded residual R = Y - median, its padded filtered version B, B's noise, energy and peak maps.
 
@@ -485,7 +497,7 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, frames_block: int = FILTER_BLO
     # XLA computes the next block's scores: 0.8 of the 2.5 s this took on 256x256 (1000 binned frames), 2 cores
     with Pool() as pool:
         def median_rows(r0):
-            median[r0 : r0 + rows] = np.median(np.asarray(Y[::step, r0 : r0 + rows]), axis=0)
+            median[r0 : r0 + rows] = _median0(np.asarray(Y[::step, r0 : r0 + rows]))
 
         list(pool.map(median_rows, range(0, H, rows)))
         median = jnp.asarray(median)
@@ -501,7 +513,7 @@ def _prepare(Y, g, box, *, pad, n_smooth, n_slow, frames_block: int = FILTER_BLO
         E, P, sn_b = (np.empty((H, W), dtype) for _ in range(3))
 
         def noise_rows(r0, dB):
-            sn_b[r0 : r0 + rows] = np.median(dB, axis=0)
+            sn_b[r0 : r0 + rows] = _median0(dB)
 
         pending = []
         for r0 in _starts(H, rows):

@@ -229,6 +229,20 @@ def test_prepare_by_blocks_matches_the_whole_movie_float64_reference():
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * np.abs(y).max())
 
 
+def test_median0_equals_numpy_median_bit_for_bit():
+    from jaxcnmf.init import _median0
+
+    rng = np.random.default_rng(8)
+    for n in (1, 2, 7, 334):
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((n, 5, 6)).astype(dtype)
+            x[:, 0, 0] = 1.0  # ties
+            x[: n // 2, 1, 1] = -x[n // 2 :, 1, 1][: n // 2]  # a symmetric column
+            got = _median0(x)
+            assert got.dtype == dtype and got.shape == (5, 6)
+            np.testing.assert_array_equal(got, np.median(x, axis=0))
+
+
 def test_greedy_background_equals_hals_on_the_formed_residual():
     """The greedy init's background fit takes its products on the padded residual without forming Y - A C; it must
     give what `background_hals` gives on the (d, T) matrix itself."""
