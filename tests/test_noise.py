@@ -198,18 +198,65 @@ def test_movie_streamed_agrees_with_whole_trace(method):
     np.testing.assert_allclose(estimate_noise_movie(movie, chunk_frames=T, method=method), whole, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T", [600, 601])
 @pytest.mark.parametrize("method", METHODS)
-def test_movie_by_pixel_blocks_equals_one_block(method, monkeypatch):
-    """Each chunk is processed by blocks of image rows (memory); the blocks, the last one overlapping, must give the
-    whole-trace estimate of every pixel."""
+def test_movie_by_pixel_blocks_equals_one_block(method, T, monkeypatch):
+    """Each chunk is processed by blocks of pixels (memory, threads); the blocks, the last one overlapping, must give
+    the whole-trace estimate of every pixel. 600 frames go through the band DFT (blocks of 8 pixels: starts 0, 8, 16,
+    24, 27), 601 (a prime) through the FFT (blocks of 3 rows: starts 0, 3, 4)."""
     import jaxcnmf.noise as noise
 
     rng = np.random.default_rng(3)
-    T, H, W = 600, 7, 5
+    H, W = 7, 5
     movie = (rng.normal(size=(T, H, W)) * rng.uniform(0.5, 3.0, size=(H, W))).astype(np.float32)
     whole = np.asarray(estimate_noise(np.moveaxis(movie, 0, -1), method=method))
-    monkeypatch.setattr(noise, "NOISE_BLOCK", 3 * T * W)  # blocks of 3 rows: starts 0, 3, 4
+    assert (noise._dft_plan(T, (0.25, 0.5)) is None) == (T == 601)
+    monkeypatch.setattr(noise, "NOISE_BLOCK", 16 * T)
     np.testing.assert_allclose(estimate_noise_movie(movie, chunk_frames=T, method=method), whole, rtol=1e-5)
+
+
+def reference_movie_noise(movie, chunk_frames, freq_range, method):
+    """Plain float64 numpy reference of `estimate_noise_movie`: windows of L frames (the last one ending at T,
+    weighted by its share of new frames), per pixel and window the rfft periodogram's band statistic, averaged."""
+    T = movie.shape[0]
+    L = min(chunk_frames, T)
+    starts = list(range(0, T - L + 1, L))
+    weights = [1.0] * len(starts)
+    if T % L:
+        starts.append(T - L)
+        weights.append((T % L) / L)
+    k = np.arange(L // 2 + 1)
+    band = (k / L >= freq_range[0]) & (k / L <= freq_range[1]) & (k > 0) & (2 * k < L)
+    total = 0.0
+    for s, w in zip(starts, weights):
+        y = movie[s : s + L].astype(np.float64).reshape(L, -1)
+        P = 2.0 / L * np.abs(np.fft.rfft(y - y.mean(axis=0), axis=0)[band]) ** 2
+        stat = {"mean": P.mean(0), "median": np.median(P, 0) / math.log(2), "logmexp": np.log(P).mean(0)}[method]
+        total = total + w * stat
+    avg = total / (T / L)
+    if method == "logmexp":
+        avg = np.exp(avg + 0.5772156649015329)
+    return np.sqrt(avg / 2).reshape(movie.shape[1:])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_movie_matches_numpy_rfft_reference(method):
+    """Every window length's path (band DFT with an even and an odd stage-1 length, FFT for a prime) and band, on a
+    movie with an offset whose T is not a multiple of the window, from an array and from a MovieSource."""
+    import jaxcnmf.noise as noise
+
+    rng = np.random.default_rng(30)
+    T, H, W = 530, 9, 11
+    movie = 100.0 + rng.normal(size=(T, H, W)) * rng.uniform(0.5, 3.0, size=(H, W))
+    movie += np.cumsum(rng.normal(size=(T, 1, 1)), axis=0)  # slow drift: low frequencies far above the band
+    movie = movie.astype(np.float32)
+    for L, fr, N1 in ((200, (0.25, 0.5), 10), (225, (0.25, 0.5), 15), (211, (0.25, 0.5), None), (200, (0.1, 0.4), 20)):
+        plan = noise._dft_plan(L, fr)
+        assert (plan and plan[0]) == N1
+        want = reference_movie_noise(movie, L, fr, method)
+        for src in (movie, CountingSource(movie)):
+            got = estimate_noise_movie(src, chunk_frames=L, freq_range=fr, method=method)
+            np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_movie_errors():
@@ -217,6 +264,13 @@ def test_movie_errors():
     movie[50, 1, 1] = np.nan
     with pytest.raises(MovieError, match="frames 0..99"):
         estimate_noise_movie(movie)
+    for L in (100, 101):  # band DFT, FFT
+        movie = np.ones((250, 3, 3), np.float32)
+        movie[180, 2, 0] = np.inf
+        with pytest.raises(MovieError, match=f"frames {L}..{2 * L - 1}"):
+            estimate_noise_movie(movie, chunk_frames=L)
+        movie[180, 2, 0] = 3e38  # finite: the sum overflows, yet no error (the estimate is not finite)
+        assert not np.isfinite(estimate_noise_movie(movie, chunk_frames=L)[2, 0])
     with pytest.raises(MovieError, match="at least 8"):
         estimate_noise_movie(np.zeros((5, 3, 3)))
     with pytest.raises(MovieError, match="shape"):
