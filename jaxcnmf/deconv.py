@@ -923,12 +923,19 @@ the first compilation (5.8 s with none), so only the half is kept. Only the full
 of at least 4 `_PREFIX` frames) uses them."""
 
 
-def _prefix_problem(y_s, mask, length, g, c1_free: bool):
-    """The first `_PREFIX` frames of a long trace as a problem of their own: `(y, a, mask, length)`."""
-    n0 = jnp.minimum(length, _PREFIX)
-    m0 = mask[:_PREFIX] & (jnp.arange(_PREFIX) < n0)
-    a0 = _penalty_weights(g, _PREFIX, n0, c1_free)
-    return jnp.where(m0, y_s[:_PREFIX], 0), a0, m0, n0
+def _prefix_problem(y_s, mask, length, g, c1_free: bool, n: int | None = None):
+    """The first `n` (default `_PREFIX`) frames of a long trace as a problem of their own: `(y, a, mask, length)`."""
+    n = _PREFIX if n is None else n
+    n0 = jnp.minimum(length, n)
+    m0 = mask[:n] & (jnp.arange(n) < n0)
+    a0 = _penalty_weights(g, n, n0, c1_free)
+    return jnp.where(m0, y_s[:n], 0), a0, m0, n0
+
+
+def _exact_prefix_length(T: int) -> int:
+    """Frames of the exact AR(2) search's prefix start: `_PREFIX`, or a quarter of a shorter trace (0: none)."""
+    n = min(_PREFIX, T // _PREFIX_FRACTION)
+    return n if n >= _PREFIX_MIN else 0
 
 
 # first start of `_search_nested_ar1` below the prefix's answer: b - 2 sn and lam / 4. With b - sn and lam / 2, 7 of
@@ -1105,7 +1112,8 @@ def _search(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free,
         return b, lam, structure
 
     b_pre, lam_pre = zero, lam0
-    long = lam_free and T >= (2 if exact2 else 4) * _PREFIX and (by_pools or exact2)
+    n_pre = _exact_prefix_length(T) if exact2 else _PREFIX
+    long = lam_free and (n_pre > 0 if exact2 else T >= 4 * _PREFIX and by_pools)
     nested = by_pools and convex and (b_free or lam_free) and _lanes_bound()
     if nested:
         structure = _search_nested_ar1(y_s, a_s, mask, length, ker_s, sn_s, b_start, lam0, lam_fix, long, alternate,
@@ -1115,8 +1123,8 @@ def _search(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free,
         # a per-frame one, so they carry over), which leaves the full-length search a pass or two from the end.
         # Exact AR(2) from 2 _PREFIX frames on: 16 x 3,000 traces took 51 active-set steps in 7 alternations from
         # (0, 0), 19 in 4 from the prefix's (b, lam) (one core: 0.117 -> 0.083 s in all).
-        prefix = _prefix_problem(y_s, mask, length, g, c1_free)
-        b_pre, lam_pre, _ = alternate(*prefix, zero, lam0, (first[0][:_PREFIX], first[1]),
+        prefix = _prefix_problem(y_s, mask, length, g, c1_free, n_pre)
+        b_pre, lam_pre, _ = alternate(*prefix, zero, lam0, (first[0][:n_pre], first[1]),
                                       iters=min(max_iter, _PREFIX_ITERS))
         b_pre = b_pre if b_free else zero
     if exact2:
@@ -1406,7 +1414,9 @@ def _pilot_decay(g2, g1, g1_refined):
 # only the start depends on it. With the time-major active set 4 is as good as 8 (64 x 10,000 traces: 32 active-set
 # steps either way; 16 x 3,000: 19 vs 18) and the prefix solve takes 0.16 instead of 0.20 s (one core).
 _PREFIX_ITERS = 4
-_PREFIX = 1024  # frames of the warm-start solve for long traces (T >= 4 _PREFIX; exact AR(2): T >= 2 _PREFIX)
+_PREFIX = 1024  # frames of the warm-start solve for long traces (T >= 4 _PREFIX; exact AR(2): `_exact_prefix_length`)
+_PREFIX_FRACTION = 4
+_PREFIX_MIN = 256
 
 _TRACE_COUNT = {"batch": 0, "refine": 0}  # how many times the batched cores were traced (compile-once test)
 
