@@ -141,6 +141,7 @@ def test_pixels_outside_every_search_area_are_solved_as_the_all_pixel_problem(ti
     sets; the result must be the one-set solve of every pixel with all m candidate slots, and the padding sizes
     grow by at most 19 %."""
     from jaxcnmf.spatial import pixel_bucket, spatial_statistics
+    from jaxcnmf.spatial import candidate_statistics
 
     Y, A, C, b, f, sn = tiny
     search = A > 0
@@ -149,7 +150,16 @@ def test_pixels_outside_every_search_area_are_solved_as_the_all_pixel_problem(ti
         A1, b1 = update_spatial(Y, 0.5 * A, C, b, f, sn, search=search)
         idx, valid = _candidates(search)
         Q, G, rr = spatial_statistics(jnp.asarray(Y), jnp.asarray(C), jnp.asarray(b), jnp.asarray(f))
-        A2, b2 = _solve_all(Q, G, rr, jnp.asarray(sn * sn * T), jnp.asarray(idx), jnp.asarray(valid),
+        full = np.concatenate([idx, np.broadcast_to(A.shape[1] + np.arange(b.shape[1]), (idx.shape[0], b.shape[1]))], 1)
+        qs = np.where(np.concatenate([valid, np.ones((idx.shape[0], b.shape[1]), bool)], 1),
+                      np.take_along_axis(np.asarray(Q), full, axis=1), 0)
+        # the candidates' entries of the dense product, without it
+        qs2, G2, rr2 = candidate_statistics(jnp.asarray(Y), jnp.asarray(C), jnp.asarray(b), jnp.asarray(f), search,
+                                            idx, valid)
+        np.testing.assert_allclose(np.asarray(qs2), qs, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(G2), np.asarray(G), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(rr2), np.asarray(rr), rtol=1e-12)
+        A2, b2 = _solve_all(jnp.asarray(qs), G, rr, jnp.asarray(sn * sn * T), jnp.asarray(idx), jnp.asarray(valid),
                             jnp.asarray(0.5 * A), jnp.asarray(b), n_sweeps=5, n_lambda=10, constrained=True)
     np.testing.assert_allclose(np.asarray(A1), np.asarray(A2), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(b1), np.asarray(b2), rtol=1e-12, atol=1e-12)
