@@ -414,37 +414,29 @@ def _power_statistic(P: np.ndarray, L: int, method: str) -> np.ndarray:
 
 def _dft_statistic(chunk: np.ndarray, plan, method: str, block: int | None = None) -> tuple[np.ndarray, bool]:
     """`_chunk_statistic` of a (frames, H, W) window by the band DFT of `_dft_plan`, over blocks of pixels (the last
-    one overlapping the one before) that a thread per core shares out.
+    one overlapping the one before), in float32 with a float64 statistic.
 
     Blocks of `NOISE_BLOCK` / 2 elements of window (2,097 pixels of 1,000 frames): on one core a 256x256x1000 window
-    took 129-145 ms for blocks of 524 to 4,194 pixels and N1 = 20, 25 or 40 alike (the FFT path: 410 ms). Computed in
-    float32, float64 statistic.
+    took 129-145 ms for blocks of 524 to 4,194 pixels and N1 = 20, 25 or 40 alike (the FFT path: 410 ms). One host
+    thread: OpenBLAS spreads the products over the cores itself (256x256x3000 on 2 cores: 0.34-0.37 s, one core 0.44
+    s); a thread per core on top of it oversubscribed them (2.5-15 s).
 
     **Returns:** (statistic (H, W) float64, whether every pixel's sum over the window is finite).
     """
-    from ._threads import host_threads, thread_map
-
     L, H, W = chunk.shape
     N1, A1, groups = plan
     X3 = np.asarray(chunk, np.float32).reshape(N1, L // N1, H * W)
     Pb = min(H * W, max(1, (NOISE_BLOCK if block is None else block) // (2 * L)))
-    starts = sorted({min(p, H * W - Pb) for p in range(0, H * W, Pb)})
+    S = np.empty((N1, L // N1, Pb), np.float32)
+    Z = [np.empty((2 * g[3], Pb), np.float32) for g in groups]
+    P = np.empty((sum(g[3] for g in groups), Pb), np.float32)
     stat = np.empty(H * W, np.float64)
-    workers = min(host_threads(), len(starts))
-    n_bins = sum(g[3] for g in groups)
-
-    def stripe(i):
-        S = np.empty((N1, L // N1, Pb), np.float32)
-        Z = [np.empty((2 * g[3], Pb), np.float32) for g in groups]
-        P = np.empty((n_bins, Pb), np.float32)
-        finite = True
-        with np.errstate(all="ignore"):  # as in jax: log 0 = -inf (constant pixels: sn 0), overflow to inf
-            for p0 in starts[i::workers]:
-                finite &= _block_power(X3, p0, plan, S, Z, P)
-                stat[p0 : p0 + Pb] = _power_statistic(P, L, method)
-        return finite
-
-    return stat.reshape(H, W), all(thread_map(stripe, range(workers), workers))
+    finite = True
+    with np.errstate(all="ignore"):  # as in jax: log 0 = -inf (constant pixels: sn 0), overflow to inf
+        for p0 in sorted({min(p, H * W - Pb) for p in range(0, H * W, Pb)}):
+            finite &= _block_power(X3, p0, plan, S, Z, P)
+            stat[p0 : p0 + Pb] = _power_statistic(P, L, method)
+    return stat.reshape(H, W), finite
 
 
 def _window_statistic(chunk: np.ndarray, freq_range, method: str) -> tuple[np.ndarray | None, bool]:
