@@ -215,7 +215,7 @@ def test_search_areas_on_crops_equal_whole_image_dilation():
             element = element[3 - int(radius) : 4 + int(radius), 3 - int(radius) : 4 + int(radius)]
         else:
             element, n = ndimage.generate_binary_structure(2, 1), max(1, round(radius / 2))
-        got = np.asarray(search_areas(A, (H, W), radius, compact=compact, block=5)).reshape(H, W, K)
+        got = np.asarray(search_areas(A, (H, W), radius, compact=compact)).reshape(H, W, K)
         for k in range(K):
             img = A[:, k].reshape(H, W)
             ref = ndimage.binary_dilation(img > np.float32(0.1) * img.max(), structure=element, iterations=n) \
@@ -242,8 +242,8 @@ def test_cleanup_keeps_main_blob_and_normalises():
     assert np.all(np.asarray(kept)[speck.ravel() > 0, 0] > 0)
 
 
-def _cleanup_reference(A, shape, median, min_weight=0.01):
-    """cleanup_footprints(connected=True) written out on the whole image, one column at a time, in float64."""
+def _cleanup_reference(A, shape, median, min_weight=0.01, connected=True):
+    """cleanup_footprints written out on the whole image, one column at a time, in float64."""
     H, W = shape
     out, norms = np.zeros(A.shape), np.zeros(A.shape[1])
     for k in range(A.shape[1]):
@@ -252,7 +252,7 @@ def _cleanup_reference(A, shape, median, min_weight=0.01):
         a = ndimage.median_filter(a, size=median, mode="constant", cval=0.0)
         a[a < min_weight * a.max(initial=0)] = 0
         labels, n = ndimage.label(a > 0, structure=np.ones((3, 3)))
-        if n:
+        if n and connected:
             energy = ndimage.sum_labels(a**2, labels, np.arange(1, n + 1))
             a = np.where(labels == 1 + int(np.argmax(energy)), a, 0)
         norms[k] = np.sqrt((a**2).sum())
@@ -262,7 +262,7 @@ def _cleanup_reference(A, shape, median, min_weight=0.01):
 
 def test_cleanup_median_equals_whole_image_reference():
     """The median filter runs on each footprint's crop (widened by its reach): the same result as on the whole image
-    with zeros outside the field, for footprints inside, on the edge and in a corner of the field, any block size."""
+    with zeros outside the field, for footprints inside, on the edge and in a corner of the field."""
     rng = np.random.default_rng(7)
     H, W = 21, 17
     yy, xx = np.mgrid[:H, :W]
@@ -273,10 +273,13 @@ def test_cleanup_median_equals_whole_image_reference():
         speckle = (rng.random((H, W)) < 0.08) * rng.random((H, W))  # isolated pixels, some far from the blob
         A[:, k] = (np.where(blob > 0.05, blob * (0.5 + rng.random((H, W))), 0) + 0.6 * speckle).ravel()
     ref, n_ref = _cleanup_reference(A, (H, W), 3)  # the last column is empty
-    for block in (1, 4, 64):
-        got, n = cleanup_footprints(A, (H, W), median=3, block=block)
-        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(np.asarray(n), n_ref, rtol=1e-6)
+    got, n = cleanup_footprints(A, (H, W), median=3)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(n), n_ref, rtol=1e-6)
+    got1, n1 = cleanup_footprints(A, (H, W))  # no median: the crop is the kept weights' box itself
+    ref1, n_ref1 = _cleanup_reference(A, (H, W), 1)
+    np.testing.assert_allclose(np.asarray(got1), ref1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(n1), n_ref1, rtol=1e-6)
     got5, _ = cleanup_footprints(A, (H, W), median=5)
     np.testing.assert_allclose(np.asarray(got5), _cleanup_reference(A, (H, W), 5)[0], rtol=1e-6, atol=1e-7)
 
@@ -318,9 +321,9 @@ def test_bad_arguments():
             cleanup_footprints(np.ones((16, 1)), (4, 4), median=bad)
 
 
-def test_blocked_search_areas_cleanup_and_candidates_equal_one_block():
-    """search_areas, cleanup_footprints (blocks of components) and _candidates (blocks of pixels) work by blocks for
-    memory; any block size (the last block short) must give exactly the one-block result."""
+def test_cropped_cleanup_and_candidates_equal_their_references():
+    """cleanup_footprints works on each footprint's crop: the same as on the whole image (search_areas: the test
+    above). _candidates lists each pixel's candidate components from the (pixel, component) pairs."""
     rng = np.random.default_rng(4)
     H, W, K = 23, 19, 30
     yy, xx = np.mgrid[:H, :W]
@@ -330,18 +333,14 @@ def test_blocked_search_areas_cleanup_and_candidates_equal_one_block():
         blob = np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 6.0) * (1 + 0.3 * rng.random((H, W)))
         A[:, k] = (blob + 0.5 * (rng.random((H, W)) < 0.03)).ravel()  # specks: pieces the clean-up drops
     A[:, 3] = 0.0
-    for compact in (True, False):
-        ref = np.asarray(search_areas(A, (H, W), 3.0, compact=compact, block=K))
-        np.testing.assert_array_equal(np.asarray(search_areas(A, (H, W), 3.0, compact=compact, block=7)), ref)
-        assert ref.any() and not ref[:, 3].any()
     for connected in (True, False):
-        a_ref, n_ref = cleanup_footprints(A, (H, W), connected=connected, block=K)
-        a, n = cleanup_footprints(A, (H, W), connected=connected, block=7)
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(a_ref))
-        np.testing.assert_array_equal(np.asarray(n), np.asarray(n_ref))
+        a, n = cleanup_footprints(A, (H, W), connected=connected)
+        a_ref, n_ref = _cleanup_reference(A, (H, W), 1, connected=connected)
+        np.testing.assert_allclose(np.asarray(a), a_ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(n), n_ref, rtol=1e-6)
     search = np.asarray(search_areas(A, (H, W), 3.0))
-    idx_ref, valid_ref = _candidates(search, block=10**9)
-    idx, valid = _candidates(search, block=K * 10)  # 10 pixels at a time
-    np.testing.assert_array_equal(idx, idx_ref)
-    np.testing.assert_array_equal(valid, valid_ref)
-    assert valid.sum() == search.sum()
+    idx, valid = _candidates(search)
+    for i in range(H * W):  # each pixel's candidates: the components whose area holds it, in increasing order
+        np.testing.assert_array_equal(idx[i][valid[i]], np.flatnonzero(search[i]))
+        assert not valid[i, int(search[i].sum()):].any()
+    assert valid.sum() == search.sum() and idx.shape[1] % 4 == 0
