@@ -6,6 +6,7 @@ quality -> `Result`. Every stage is a public function of its own module; `fit` o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -352,7 +353,8 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
     T, H, W = source.shape
     prog = Progress(progress, n_stages=5 + 4 * prm.n_iter)
 
-    Y = _read_whole(movie, source)
+    with _small_pages():
+        Y = _read_whole(movie, source)
     prog.done("read movie", f"{T} frames of {H}x{W}")
     if not all(np.isfinite(Y[t : t + 64]).all() for t in range(0, T, 64)):  # io guarantees it: a second guard
         raise MovieError(f"{name}: the movie holds NaN or infinite values; pass nonfinite='repair' to interpolate them")
@@ -459,10 +461,44 @@ def fit_array(Y: np.ndarray, prm: Params, prog: Progress | None = None) -> Resul
     return _fit_owned([Y], prm, prog)
 
 
+@contextlib.contextmanager
+def _small_pages():
+    """numpy's advice for transparent huge pages on its large arrays turned off for the duration (restored after).
+
+    numpy asks the kernel for huge pages on every array of 4 MB or more; where the kernel compacts memory on demand
+    for such advice (`/sys/kernel/mm/transparent_hugepage/defrag` = madvise, this box's setting), the first touch of a
+    fresh large array can stall: filling a fresh 786 MB array took 0.16-2.4 s with the advice and 0.28-0.31 s
+    without, and the warm fit of simulated 256x256x3000 took 9.9-10.3 s with it and 9.3-9.6 s without (the
+    initialisation 3.6-3.7 vs 3.2-3.3 s). A performance hint only: results do not change. A no-op where numpy has no
+    such switch."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    get = getattr(multiarray, "_get_madvise_hugepage", None)
+    set_ = getattr(multiarray, "_set_madvise_hugepage", None)
+    if get is None or set_ is None:
+        yield
+        return
+    before = get()
+    set_(False)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result:
     """`fit_array` on the movie held in the one-element list `owned`, which it empties: when the caller keeps no
     other reference, the (T, H, W) movie is freed as soon as its (pixels, frames) copy Yr exists (the fit's peak
-    memory is then Yr and the stage's work, not two whole movies)."""
+    memory is then Yr and the stage's work, not two whole movies). Runs with numpy's huge-page advice off
+    (`_small_pages`)."""
+    with _small_pages():
+        return _fit_stages(owned, prm, prog)
+
+
+def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Result:
+    """The body of `_fit_owned`."""
     Y = owned.pop()
     import jax
 

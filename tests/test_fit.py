@@ -292,3 +292,26 @@ def test_fit_turns_on_the_persistent_compilation_cache_once_and_respects_opt_out
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_small_pages_turns_numpy_hugepage_advice_off_and_restores_it():
+    """`fit` runs with numpy's huge-page advice off (`fit._small_pages`: a performance hint) and gives it back as it
+    was, also when the fit raises."""
+    from jaxcnmf.fit import _small_pages
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:
+        from numpy.core import multiarray
+    if not hasattr(multiarray, "_get_madvise_hugepage"):
+        pytest.skip("this numpy has no huge-page switch")
+    before = multiarray._get_madvise_hugepage()
+    for start in (True, False):
+        multiarray._set_madvise_hugepage(start)
+        with _small_pages():
+            assert multiarray._get_madvise_hugepage() is False
+        assert multiarray._get_madvise_hugepage() is start
+        with pytest.raises(RuntimeError), _small_pages():
+            raise RuntimeError("a failed fit")
+        assert multiarray._get_madvise_hugepage() is start
+    multiarray._set_madvise_hugepage(before)
