@@ -441,8 +441,9 @@ def _dft_statistic(chunk: np.ndarray, plan, method: str, block: int | None = Non
 
 def _window_statistic(chunk: np.ndarray, freq_range, method: str) -> tuple[np.ndarray | None, bool]:
     """Band statistic of one window (float64 (H, W)) and whether all its values are finite (else the statistic is
-    None or meaningless): the band DFT where `_dft_plan` has a plan for the window's length, else the FFT."""
-    plan = _dft_plan(chunk.shape[0], freq_range)
+    None or meaningless): on the CPU backend the host band DFT where `_dft_plan` has a plan for the window's length,
+    else (and on GPU/TPU, where XLA's FFT of the window is the fast path) the FFT."""
+    plan = _dft_plan(chunk.shape[0], freq_range) if jax.default_backend() == "cpu" else None
     if plan is None:
         if not np.isfinite(chunk).all():
             return None, False
