@@ -566,14 +566,11 @@ def _pdas(x, g1, g2, q, lam, active, mask, max_steps: int, running=None):
     f = _G(g1, g2, x, mask)
     u = lam * q
     tol = 64 * jnp.finfo(x.dtype).eps * (jnp.max(jnp.abs(f), axis=0) + lam + 1)
-    t = _trailing(jnp.arange(x.shape[0]), x.ndim)
-    T = x.shape[0]
 
-    def H(v):
-        return _G(g1, g2, _Gt(g1, g2, v, mask), mask)
-
-    def body(state):
-        active, running, it, best, fails = state
+    def step(active, running, best, fails, f, u, tol, mask, g1, g2):
+        """One active-set step for the lanes given (all of them, or the few still running: see below)."""
+        t = _trailing(jnp.arange(T), f.ndim)
+        H = lambda v: _G(g1, g2, _Gt(g1, g2, v, mask), mask)  # noqa: E731
         free = mask & ~active
         fixed = jnp.where(active, u, 0)
         mu = _band_solve(g1, g2, free, f - H(fixed)) + fixed
@@ -587,16 +584,48 @@ def _pdas(x, g1, g2, q, lam, active, mask, max_steps: int, running=None):
         best = jnp.minimum(best, n_wrong)
         last = jnp.max(jnp.where(wrong, t, -1), axis=0)
         flip = jnp.where(fails >= 3, t == last, wrong) & running  # lanes already solved stay as they are
-        return active ^ flip, running & (n_wrong > 0), it + 1, best, fails
+        return active ^ flip, running & (n_wrong > 0), best, fails
+
+    T = x.shape[0]
+    lanes = x.shape[1:]
+    per_lane = (f, u, jnp.broadcast_to(tol, lanes), mask, jnp.broadcast_to(g1, lanes), jnp.broadcast_to(g2, lanes))
+    n_narrow = _NARROW_LANES if x.ndim == 2 and lanes[0] >= 2 * _NARROW_LANES else 0
+
+    def full(state):
+        active, running, best, fails = state
+        return step(active, running, best, fails, *per_lane)
+
+    def narrow(state):
+        """The step on the `n_narrow` first running lanes only (gathered, then written back): late in a batch's
+        search a few lanes take the last steps, and a full-width banded solve costs every lane's work."""
+        sel = jnp.argsort(~state[1])[:n_narrow]
+        pick = lambda v: v[..., sel] if v.ndim == 2 else v[sel]  # noqa: E731
+        new = step(*(pick(v) for v in state + per_lane))
+        return tuple(v.at[..., sel].set(w) if v.ndim == 2 else v.at[sel].set(w) for v, w in zip(state, new))
+
+    def body(state):
+        active, running, it, best, fails = state
+        inner = (active, running, best, fails)
+        if n_narrow:
+            inner = jax.lax.cond(jnp.sum(running) <= n_narrow, narrow, full, inner)
+        else:
+            inner = full(inner)
+        active, running, best, fails = inner
+        return active, running, it + 1, best, fails
 
     def cond(state):
         return jnp.any(state[1]) & (state[2] < max_steps)
 
-    lanes = x.shape[1:]
     running = jnp.ones(lanes, bool) if running is None else running
     init = (active & mask, running, jnp.int32(0), jnp.full(lanes, T + 1, jnp.int32), jnp.zeros(lanes, jnp.int32))
     active, _, _, _, _ = jax.lax.while_loop(cond, body, init)
     return active
+
+
+_NARROW_LANES = 4
+"""`_pdas` on a batch of N >= 8 lanes takes its steps on 4 gathered lanes once no more are running: the last steps
+of a batch's search are mostly one lane's backup exchanges. 64 x 10,000 AR(2) traces, one core: alternation 0.51 s
+at full width, 0.49 / 0.42 / 0.40 s narrowed to 16 / 8 / 4 lanes (the same supports, bit for bit)."""
 
 
 class _ExactStart(eqx.Module):
