@@ -1,6 +1,7 @@
 """Noise-constrained AR(1)/AR(2) deconvolution of one calcium trace (OASIS-style pool merging in fixed-size arrays).
 
-Temporal core of CNMF: `temporal.update_temporal` and the `jaxcnmf deconvolve` CLI call `deconvolve_batch` on raw traces.
+Temporal core of CNMF: the `jaxcnmf deconvolve` CLI calls `deconvolve_batch` on raw traces, `temporal.update_temporal`
+calls `deconvolve_rows` (the same solve for traced callers: given g and sn, no threads) on each group's raw traces.
 
 The problem (Pnevmatikakis et al. 2016; Friedrich, Zhou & Paninski 2017), for a trace y of T frames:
 
@@ -26,21 +27,25 @@ How it is solved:
    the sums this needs come from the pools' own running sums (no pass over the frames). Steps 1 and 2 alternate
    until the pool structure no longer changes, which is the exact optimum of the convex problem (the structure is a
    fixed point: pool-adjacent-violators at that (lam, b) returns it, and (lam, b) are optimal on it). Long traces
-   (T >= 4096) start from the (b, lam) of their first 1,024 frames, which saves most of the full-length passes.
+   (T >= 4096; exact AR(2): from 1,024 frames, `_exact_prefix_length`) start from the (b, lam) of their first 1,024
+   frames (a quarter of shorter ones), which saves most of the full-length passes.
    For AR(1) the search is nested (`_search_nested_ar1`): the pools at a (b, lam) below the answer refine the
    answer's pools (in u_t = c_t / g^t the problem is isotonic regression, and raising b or lam subtracts a
    non-decreasing sequence), so one pass over the frames builds them and every later (b, lam) step merges pools only.
 3. The returned solution is recomputed from the final pool structure with plain differentiable array code, with the
    search itself behind `stop_gradient`: `jax.grad` of anything computed from the result differentiates the exact
    solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
-   iterations. `deconvolve_batch` evaluates AR(1) solutions for its whole batch at once with frames along the first
-   axis (`_evaluate_ar1`), where each step of the two linear recursions reads a contiguous row.
+   iterations. A batch (`deconvolve_batch`, `deconvolve_rows`) evaluates AR(1) solutions and exact AR(2) supports for
+   all its rows at once with frames along the first axis (`_evaluate_ar1`, `_evaluate_exact2`), where each step of a
+   recursion or banded solve reads a contiguous row.
 
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
 rule of Friedrich et al. 2017) is only close; here it is a warm start for an exact primal-dual active-set method on
 the dual, a box-constrained QP whose Hessian G G' is pentadiagonal (each step one O(T) banded solve, usually a few
 steps; block principal pivoting's backup rule keeps it from cycling), started from one greedy pass at the prefix's
-(b, lam) on long traces. The tests certify optimality with a duality gap.
+(b, lam) on long traces. A batch runs this alternation for all its rows at once in time-major layout
+(`_alternate_exact`), its last steps on the few rows still moving (`_NARROW_LANES`). The tests certify optimality with
+a duality gap.
 
 `deconvolve_batch` runs on CPU vmapped blocks of at most `CPU_BLOCK_ROWS` rows, one per core at a time (a thread pool):
 XLA runs a vmapped sequential loop on one core, and small blocks stay in cache and wait less for their slowest row.
