@@ -40,6 +40,7 @@ _LAZY = {
     "deconvolve": "deconv",
     "DeconvResult": "deconv",
     "deconvolve_batch": "deconv",
+    "deconvolve_rows": "deconv",
     # fit stages: initialisation, spatial update, quality
     "greedy_init": "init",
     "sparse_nmf_init": "init",

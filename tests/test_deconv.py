@@ -298,6 +298,27 @@ def test_deconvolve_is_jit_and_vmap_able():
     np.testing.assert_allclose(np.asarray(vm.c), np.asarray(batch.c), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
+def test_deconvolve_rows_equals_vmapped_deconvolve_and_differentiates(g):
+    """deconvolve_rows (one batched computation: time-major search and evaluation) gives vmap(deconvolve)'s solution
+    under jit, and its gradient with respect to the traces is vmap(deconvolve)'s too."""
+    rng = np.random.default_rng(21)
+    Y, sns = _batch(rng, g, [600] * 9, (0.2, 0.4))
+    Y, sns = jnp.asarray(Y, jnp.float32), jnp.asarray(sns, jnp.float32)
+    G = jnp.tile(jnp.asarray(g, jnp.float32), (Y.shape[0], 1))
+    rows = jax.jit(lambda Y: deconv.deconvolve_rows(Y, G, sns))(Y)
+    vm = jax.jit(jax.vmap(lambda y, g, sn: deconvolve(y, g, sn)))(Y, G, sns)
+    scale = float(jnp.max(jnp.abs(vm.c)))
+    for name in ("c", "s", "b", "lam", "c1"):
+        np.testing.assert_allclose(np.asarray(getattr(rows, name)), np.asarray(getattr(vm, name)), rtol=1e-4,
+                                   atol=1e-4 * scale, err_msg=name)
+    w = jnp.asarray(rng.normal(size=Y.shape), jnp.float32)
+    grad_rows = jax.grad(lambda Y: jnp.sum(w * deconv.deconvolve_rows(Y, G, sns).c))(Y)
+    grad_vm = jax.grad(lambda Y: jnp.sum(w * jax.vmap(lambda y, g, sn: deconvolve(y, g, sn))(Y, G, sns).c))(Y)
+    assert np.all(np.isfinite(np.asarray(grad_rows)))
+    np.testing.assert_allclose(np.asarray(grad_rows), np.asarray(grad_vm), rtol=1e-3, atol=1e-3)
+
+
 def test_estimates_g_and_sn_when_missing():
     """g and sn default to noise.estimate_ar / estimate_noise with the PSD mean (rows of the compile-once test's shape)."""
     pytest.importorskip("jaxcnmf.noise")
