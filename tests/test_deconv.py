@@ -301,7 +301,8 @@ def test_deconvolve_is_jit_and_vmap_able():
 @pytest.mark.parametrize("g", [AR1, AR2], ids=["ar1", "ar2"])
 def test_deconvolve_rows_equals_vmapped_deconvolve_and_differentiates(g):
     """deconvolve_rows (one batched computation: time-major search and evaluation) gives vmap(deconvolve)'s solution
-    under jit, and its gradient with respect to the traces is vmap(deconvolve)'s too."""
+    under jit, and (AR(2), whose batched search and evaluation are new code) its gradient with respect to the traces
+    is vmap(deconvolve)'s too."""
     rng = np.random.default_rng(21)
     Y, sns = _batch(rng, g, [600] * 9, (0.2, 0.4))
     Y, sns = jnp.asarray(Y, jnp.float32), jnp.asarray(sns, jnp.float32)
@@ -312,6 +313,8 @@ def test_deconvolve_rows_equals_vmapped_deconvolve_and_differentiates(g):
     for name in ("c", "s", "b", "lam", "c1"):
         np.testing.assert_allclose(np.asarray(getattr(rows, name)), np.asarray(getattr(vm, name)), rtol=1e-4,
                                    atol=1e-4 * scale, err_msg=name)
+    if len(g) == 1:  # AR(1)'s batched evaluation is the per-trace one's code (its gradient: the tests above)
+        return
     w = jnp.asarray(rng.normal(size=Y.shape), jnp.float32)
     grad_rows = jax.grad(lambda Y: jnp.sum(w * deconv.deconvolve_rows(Y, G, sns).c))(Y)
     grad_vm = jax.grad(lambda Y: jnp.sum(w * jax.vmap(lambda y, g, sn: deconvolve(y, g, sn))(Y, G, sns).c))(Y)
