@@ -36,7 +36,7 @@ How it is solved:
    search itself behind `stop_gradient`: `jax.grad` of anything computed from the result differentiates the exact
    solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
    iterations. A batch (`deconvolve_batch`, `deconvolve_rows`) evaluates AR(1) solutions and exact AR(2) supports for
-   all its rows at once with frames along the first axis (`_evaluate_ar1`, `_evaluate_exact2`), where each step of a
+   all its rows at once with frames along the first axis (`_evaluate_ar1`, `_evaluate_ar2`), where each step of a
    recursion or banded solve reads a contiguous row.
 
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
@@ -73,7 +73,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ._threads import Pool, host_threads
 from .errors import ParameterError, TraceError
 from . import noise
-from .noise import _roots_to_ar, ar_roots
+from .noise import _roots_to_ar, _to_float, ar_roots
 
 __all__ = ["DeconvResult", "deconvolve", "deconvolve_batch"]
 
@@ -1184,7 +1184,6 @@ def _evaluate(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, *, b
 
     **Returns:** a `DeconvResult`.
     """
-    T = y.shape[0]
     dt = y.dtype
     if g.shape[0] == 1 and not exact2:
         col = lambda v: jnp.reshape(jnp.asarray(v, dt), (1,))
@@ -1192,39 +1191,18 @@ def _evaluate(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, *, b
                             jnp.reshape(length, (1,)), structure[0][:, None], jnp.reshape(structure[1], (1,)),
                             col(b_guess), b_free=b_free, c1_free=c1_free, lam_free=lam_free)
         return DeconvResult(c=out.c[:, 0], s=out.s[:, 0], b=out.b[0], c1=out.c1[0], g=g, sn=out.sn[0], lam=out.lam[0])
-    if exact2:
-        return _evaluate_exact2(y, g, sn, b_fix, c1_fix, lam_fix, length, structure[0], b_guess, b_free=b_free,
-                                c1_free=c1_free, lam_free=lam_free)
-    t = jnp.arange(T)
-    mask = t < length
-    zero = jnp.zeros((), dt)
-    ker = _kernel(g, T)
-    a = _penalty_weights(g, T, length, c1_free)
-    d = ker.hh[2 : T + 2]
-    y_d = jnp.where(mask, y - (0 if c1_free else c1_fix * d), 0)
-    rhs = jnp.stack([y_d, mask.astype(dt), a], axis=1)
-    Mx = _on_pools(rhs, structure[0], structure[1], ker, length)
-    lam0 = zero if lam_free else lam_fix
-    b, lam = _b_lam(_update_b_lam, (y_d, a, (Mx[:, 0], Mx[:, 1], Mx[:, 2]), mask, sn, length.astype(dt)), b_guess,
-                    lam0, b_fix, lam_fix, b_free=b_free, lam_free=lam_free, floor=zero)
-    c = Mx[:, 0] - b * Mx[:, 1] - lam * Mx[:, 2]
-    c_prev1 = jnp.concatenate([jnp.zeros(1, dt), c[:-1]])
-    c_prev2 = jnp.concatenate([jnp.zeros(2, dt), c[:-2]])
-    s = jnp.where(structure[0], c - ker.g1 * c_prev1 - ker.g2 * c_prev2, 0)
-    if c1_free:
-        c1 = c[0]
-        s = s.at[0].set(0)
-    else:
-        c1 = jnp.asarray(c1_fix, dt)
-        c = jnp.where(mask, c + c1 * d, 0)
-    return DeconvResult(c=c, s=s, b=jnp.asarray(b, dt), c1=c1, g=g, sn=jnp.asarray(sn, dt), lam=jnp.asarray(lam, dt))
+    return _evaluate_ar2(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, b_free=b_free,
+                         c1_free=c1_free, lam_free=lam_free, exact=exact2)
 
 
-def _evaluate_exact2(y, g, sn, b_fix, c1_fix, lam_fix, length, active, b_guess, *, b_free, c1_free, lam_free):
-    """`_evaluate` for an exact AR(2) spike support: one trace (`y` `(T,)`, `g` `(2,)`, scalars) or N traces in
-    time-major layout (`y`, `active` `(T, N)`, `g` `(2, N)`, `(N,)` the rest). c = P (y - b - lam a) by the banded
-    projection of the support, (b, lam) in closed form; differentiable in y, g and sn. 64 x 10,000 traces on one
-    core: about 0.04 s time-major against 0.07-0.11 s vmapped over (N, T) traces.
+def _evaluate_ar2(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, *, b_free, c1_free, lam_free, exact):
+    """`_evaluate` for AR(2): c = M (y - b - lam a) with M the projection of the structure, (b, lam) in closed form;
+    differentiable in y, g and sn.
+
+    `exact`: the structure is an exact spike support, M its banded projection; one trace (`y` `(T,)`, `g` `(2,)`,
+    scalars) or N traces in time-major layout (`y` and the support `(T, N)`, `g` `(2, N)`, `(N,)` the rest). 64 x
+    10,000 traces on one core: about 0.04 s time-major against 0.07-0.11 s vmapped over (N, T) traces. Otherwise
+    the structure is greedy pools `(starts, pinned)` of one trace, M their pool map (`_on_pools`).
 
     **Returns:** a `DeconvResult` (`c`, `s` shaped like `y`; `g` as given).
     """
@@ -1237,10 +1215,13 @@ def _evaluate_exact2(y, g, sn, b_fix, c1_fix, lam_fix, length, active, b_guess, 
     if c1_free:
         y_d = jnp.where(mask, y, 0)
     else:  # the decay of c1: the impulse response h_t, per lane
-        hh = lambda gk: _kernel(gk, T).hh[2 : T + 2]  # noqa: E731
-        d = hh(g) if g.ndim == 1 else jax.vmap(hh, in_axes=1, out_axes=1)(g)
+        d = _impulse(g, T)
         y_d = jnp.where(mask, y - c1_fix * d, 0)
-    Mx = _project(g1, g2, jnp.stack([y_d, mask.astype(dt), a], axis=-1), active, mask)
+    rhs = jnp.stack([y_d, mask.astype(dt), a], axis=-1)
+    if exact:
+        Mx = _project(g1, g2, rhs, structure[0], mask)
+    else:
+        Mx = _on_pools(rhs, structure[0], structure[1], _kernel(g, T), length)
     Mx = (Mx[..., 0], Mx[..., 1], Mx[..., 2])
     lam0 = zero if lam_free else lam_fix
     b, lam = _b_lam(functools.partial(_update_b_lam, axis=0), (y_d, a, Mx, mask, sn, jnp.asarray(length).astype(dt)),
@@ -1248,7 +1229,7 @@ def _evaluate_exact2(y, g, sn, b_fix, c1_fix, lam_fix, length, active, b_guess, 
     c = Mx[0] - b * Mx[1] - lam * Mx[2]
     c_prev1 = jnp.concatenate([jnp.zeros_like(c[:1]), c[:-1]])
     c_prev2 = jnp.concatenate([jnp.zeros_like(c[:2]), c[:-2]])
-    s = jnp.where(active, c - g1 * c_prev1 - g2 * c_prev2, 0)
+    s = jnp.where(structure[0], c - g1 * c_prev1 - g2 * c_prev2, 0)
     if c1_free:
         c1 = c[0]
         s = s.at[0].set(0)
@@ -1505,7 +1486,7 @@ def _search_batch(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1
     `LANE_AXIS`; exact AR(2) runs its active-set alternation (`_alternate_exact`) for the whole batch at once in
     time-major layout after the vmapped start. 64 x 10,000 frames (AR(2), b >= 0) on one core: 1.36 s with the
     alternation vmapped, 0.75 s time-major (the same supports and values, bit for bit); 0.64 s with the time-major
-    evaluation (`_evaluate_exact2`) and the shorter prefix solve (`_PREFIX_ITERS`).
+    evaluation (`_evaluate_ar2`) and the shorter prefix solve (`_PREFIX_ITERS`).
 
     **Returns:** `((starts or support (N, T), pinned (N,)), b_guess (N,))`, as `_search` per row.
     """
@@ -1542,8 +1523,8 @@ def _batch_solve(Y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free, c1_fre
                             b_free=b_free, c1_free=c1_free, lam_free=lam_free)
         return eqx.tree_at(lambda r: (r.c, r.s, r.g), out, (out.c.T, out.s.T, g))
     if exact2:  # the support's projection for the whole batch at once in time-major layout
-        out = _evaluate_exact2(Y.T, g.T, sn, b_fix, c1_fix, lam_fix, length, structure[0].T, b_guess, b_free=b_free,
-                               c1_free=c1_free, lam_free=lam_free)
+        out = _evaluate_ar2(Y.T, g.T, sn, b_fix, c1_fix, lam_fix, length, (structure[0].T, structure[1]), b_guess,
+                            b_free=b_free, c1_free=c1_free, lam_free=lam_free, exact=True)
         return eqx.tree_at(lambda r: (r.c, r.s, r.g), out, (out.c.T, out.s.T, g))
     return jax.vmap(lambda *args: _evaluate(*args, **flags))(
         Y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess
@@ -1788,29 +1769,34 @@ def deconvolve(
         return jax.tree_util.tree_map(lambda x: x[0], out)
     if g is None or sn is None:
         raise ParameterError("deconvolve inside jit/vmap needs g and sn; estimate them first (noise.estimate_ar).")
-    b_free, b_value = _mode(baseline, "baseline", nonneg=True)
-    c1_free, c1_value = _mode(c1, "c1")
-    y = jnp.asarray(y)
-    if not jnp.issubdtype(y.dtype, jnp.floating):
-        y = y.astype(jnp.float32)
+    y = _to_float(y)
     dt = y.dtype
     T = y.shape[0]
     g = jnp.asarray(g, dt).reshape(-1)
+    options, b_value, c1_value = _traced_options(g.shape[0], baseline, c1, lam, s_min, max_iter)
     args = (jnp.asarray(sn, dt), jnp.asarray(b_value, dt), jnp.asarray(c1_value, dt),
             jnp.asarray(0.0 if lam is None else lam, dt), jnp.asarray(s_min, dt), jnp.asarray(T, jnp.int32))
+    out = _solve(y, g, *args, **options)
+    if refine_g:
+        g = _refine_g(y, g, out.s, out.b, out.c1, out.lam, args[-1], c1_free=options["c1_free"])
+        out = _solve(y, g, *args, **options)
+    return out
+
+
+def _traced_options(p: int, baseline, c1, lam, s_min, max_iter) -> tuple[dict, float, float]:
+    """The static options of a solve with given g and sn (`deconvolve` inside jit/vmap, `deconvolve_rows`): the
+    keyword arguments of `_solve` / `_batch_solve`, and the fixed values of b and c1."""
+    b_free, b_value = _mode(baseline, "baseline", nonneg=True)
+    c1_free, c1_value = _mode(c1, "c1")
     options = dict(
         b_free=b_free,
         c1_free=c1_free,
         lam_free=lam is None,
         max_iter=int(max_iter),
-        exact2=g.shape[0] == 2 and not (isinstance(s_min, (int, float)) and s_min > 0),
+        exact2=p == 2 and not (isinstance(s_min, (int, float)) and s_min > 0),
         convex=isinstance(s_min, (int, float)) and s_min == 0,  # a traced s_min takes the general path
     )
-    out = _solve(y, g, *args, **options)
-    if refine_g:
-        g = _refine_g(y, g, out.s, out.b, out.c1, out.lam, args[-1], c1_free=c1_free)
-        out = _solve(y, g, *args, **options)
-    return out
+    return options, b_value, c1_value
 
 
 def deconvolve_rows(Y, g, sn, *, baseline="nonneg", c1=True, lam=None, s_min: float = 0.0,
@@ -1828,18 +1814,11 @@ def deconvolve_rows(Y, g, sn, *, baseline="nonneg", c1=True, lam=None, s_min: fl
 
     **Returns:** a `DeconvResult` with `(N, ...)` fields.
     """
-    Y = jnp.asarray(Y)
-    if not jnp.issubdtype(Y.dtype, jnp.floating):
-        Y = Y.astype(jnp.float32)
+    Y = _to_float(Y)
     dt = Y.dtype
     N, T = Y.shape
-    b_free, b_value = _mode(baseline, "baseline", nonneg=True)
-    c1_free, c1_value = _mode(c1, "c1")
     g = jnp.asarray(g, dt).reshape(N, -1)
+    options, b_value, c1_value = _traced_options(g.shape[1], baseline, c1, lam, s_min, max_iter)
     full = lambda v: jnp.broadcast_to(jnp.asarray(v, dt), (N,))  # noqa: E731
-    p = g.shape[1]
-    exact2 = p == 2 and not (isinstance(s_min, (int, float)) and s_min > 0)
-    convex = isinstance(s_min, (int, float)) and s_min == 0
     return _batch_solve(Y, g, full(sn), full(b_value), full(c1_value), full(0.0 if lam is None else lam),
-                        jnp.asarray(s_min, dt), jnp.full(N, T, jnp.int32), b_free, c1_free, lam is None,
-                        int(max_iter), exact2, convex)
+                        jnp.asarray(s_min, dt), jnp.full(N, T, jnp.int32), **options)
