@@ -259,7 +259,7 @@ def _statistics(Yr, F, b, f, *, block):
     return Q, G, rr
 
 
-def candidate_statistics(Yr, C, b, f, search, idx, valid, *, block: int = 4096):
+def candidate_statistics(Yr, C, b, f, search, idx, valid, slots, *, block: int = 4096):
     """What the pixels' problems use of `spatial_statistics`, without the dense (d, K + nb) product: `qs` (d, m + nb),
     each pixel's entries of Q = R F' at its candidates `idx` (zero at invalid slots) and at the nb background terms,
     with G = F F' and rr = ||r_i||^2.
@@ -268,11 +268,11 @@ def candidate_statistics(Yr, C, b, f, search, idx, valid, *, block: int = 4096):
     gather of Yr rows per component times its trace), the background's from one pass over the movie (R f', ||r||^2).
     On simulated 256x256x3000 with 159 components the search areas hold 38k (pixel, component) pairs against the
     dense product's 10.4M: one core 0.35 s instead of 0.53 s (the background pass 0.15 s, the components' products
-    0.09 s, their slots 0.05 s), and the whole update 0.91 -> 0.71 s. The sums run in another order than the dense
+    0.09 s), and the whole update 0.91 -> 0.71 s. The sums run in another order than the dense
     product's (equal to float32 rounding). Differentiable with respect to Yr, C, b and f.
 
     **Arguments:** `Yr` (d, T); `C` (K, T); `b` (d, nb); `f` (nb, T); `search` (d, K) host bool search areas;
-    `idx`, `valid` (d, m) from `_candidates(search)`; `block`: pixels per chunk of the background pass.
+    `idx`, `valid`, `slots` (d, m) from `_candidates(search)`; `block`: pixels per chunk of the background pass.
 
     **Returns:** `(qs, G, rr)`.
     """
@@ -288,20 +288,8 @@ def candidate_statistics(Yr, C, b, f, search, idx, valid, *, block: int = 4096):
         return jnp.concatenate([jnp.zeros((d, m), dt), Qb], axis=1), F @ F.T, rr
     pix, _ = column_pixels(search)  # (K, P): padding pixel 0, whose products are never read
     Qk = _component_products(jnp.asarray(pix), Yr, C.astype(dt), b.astype(dt), f.astype(dt))
-    qc = jnp.where(jnp.asarray(valid), Qk[jnp.asarray(idx), jnp.asarray(_slots(search, idx, valid))], 0)
+    qc = jnp.where(jnp.asarray(valid), Qk[jnp.asarray(idx), jnp.asarray(slots)], 0)
     return jnp.concatenate([qc, Qb], axis=1), F @ F.T, rr
-
-
-def _slots(search: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """For each pixel i and candidate slot j, the position of i in the pixel list of component idx[i, j] (as
-    `temporal.column_pixels(search)` orders it: by pixel); 0 at invalid slots. Memory in the search areas' size."""
-    d = search.shape[0]
-    comp, pixel = np.nonzero(search.T)  # by component, then pixel: the lists' order
-    keys = comp.astype(np.int64) * d + pixel
-    first = np.searchsorted(keys, np.arange(search.shape[1], dtype=np.int64) * d)  # where each list starts
-    i = np.broadcast_to(np.arange(d)[:, None], idx.shape)
-    pos = np.searchsorted(keys, idx.astype(np.int64) * d + i) - first[idx]
-    return np.where(valid, pos, 0).astype(np.int32)
 
 
 @jax.jit
@@ -450,21 +438,32 @@ def _solve_all(qs, G, rr, budget, idx, valid, A, b, *, n_sweeps, n_lambda, const
     return A_new, b_new
 
 
-def _candidates(search: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(search: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pixel, the indices of the components whose search area holds it (increasing), padded with 0 to a multiple
-    of 4 columns; `valid` marks the real ones. From the search areas' list of (pixel, component) pairs: 0.12 -> 0.02 s
-    for 159 components of 256x256 against an argsort of every pixel's (K,) row."""
+    of 4 columns; `valid` marks the real ones; `slots` gives each the pixel's position in its component's pixel list
+    (as `temporal.column_pixels(search)` orders them: by pixel; 0 where not valid). From the search areas' list of
+    (pixel, component) pairs: 0.12 -> 0.02 s for 159 components of 256x256 against an argsort of every pixel's (K,)
+    row.
+
+    **Returns:** `(idx, valid, slots)`, each (d, m).
+    """
     d, K = search.shape
     pix, comp = np.nonzero(search)  # by pixel, then component
     counts = np.bincount(pix, minlength=d)
     m = int(counts.max(initial=0))
     m = max(4, 4 * (-(-m // 4)))
     slot = np.arange(pix.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    by_comp = np.argsort(comp, kind="stable")  # the pairs by component, then pixel: the lists' order
+    per_comp = np.bincount(comp, minlength=K)
+    position = np.empty(pix.size, np.int32)
+    position[by_comp] = np.arange(pix.size) - np.repeat(np.cumsum(per_comp) - per_comp, per_comp)
     order = np.zeros((d, m), np.int32)
     valid = np.zeros((d, m), bool)
+    slots = np.zeros((d, m), np.int32)
     order[pix, slot] = comp
     valid[pix, slot] = True
-    return order, valid
+    slots[pix, slot] = position
+    return order, valid, slots
 
 
 # ------------------------------------------------------------------------------------------------------ the update
@@ -551,8 +550,8 @@ def update_spatial(
     search = np.asarray(search, bool)
     if search.shape != (d, K):
         raise ParameterError(f"search: expected a bool array of shape ({d}, {K}), got {search.shape}.")
-    idx, valid = _candidates(search)
-    qs, G, rr = candidate_statistics(Yr, C, b, f, search, idx, valid, block=block)
+    idx, valid, slots = _candidates(search)
+    qs, G, rr = candidate_statistics(Yr, C, b, f, search, idx, valid, slots, block=block)
     budget = sn * sn * T
     kw = dict(n_sweeps=int(n_iter), n_lambda=int(n_lambda), constrained=method == "constrained")
     some = valid.any(axis=1)

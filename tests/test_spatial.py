@@ -148,14 +148,14 @@ def test_pixels_outside_every_search_area_are_solved_as_the_all_pixel_problem(ti
     assert (~search.any(axis=1)).sum() >= 5
     with jax.enable_x64(True):
         A1, b1 = update_spatial(Y, 0.5 * A, C, b, f, sn, search=search)
-        idx, valid = _candidates(search)
+        idx, valid, slots = _candidates(search)
         Q, G, rr = spatial_statistics(jnp.asarray(Y), jnp.asarray(C), jnp.asarray(b), jnp.asarray(f))
         full = np.concatenate([idx, np.broadcast_to(A.shape[1] + np.arange(b.shape[1]), (idx.shape[0], b.shape[1]))], 1)
         qs = np.where(np.concatenate([valid, np.ones((idx.shape[0], b.shape[1]), bool)], 1),
                       np.take_along_axis(np.asarray(Q), full, axis=1), 0)
         # the candidates' entries of the dense product, without it
         qs2, G2, rr2 = candidate_statistics(jnp.asarray(Y), jnp.asarray(C), jnp.asarray(b), jnp.asarray(f), search,
-                                            idx, valid)
+                                            idx, valid, slots)
         np.testing.assert_allclose(np.asarray(qs2), qs, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(np.asarray(G2), np.asarray(G), rtol=1e-12)
         np.testing.assert_allclose(np.asarray(rr2), np.asarray(rr), rtol=1e-12)
@@ -339,8 +339,10 @@ def test_cropped_cleanup_and_candidates_equal_their_references():
         np.testing.assert_allclose(np.asarray(a), a_ref, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(np.asarray(n), n_ref, rtol=1e-6)
     search = np.asarray(search_areas(A, (H, W), 3.0))
-    idx, valid = _candidates(search)
+    idx, valid, slots = _candidates(search)
     for i in range(H * W):  # each pixel's candidates: the components whose area holds it, in increasing order
         np.testing.assert_array_equal(idx[i][valid[i]], np.flatnonzero(search[i]))
         assert not valid[i, int(search[i].sum()):].any()
+        for k, j in zip(idx[i][valid[i]], slots[i][valid[i]]):  # i's place in component k's pixel list
+            assert j == np.flatnonzero(search[:, k]).tolist().index(i)
     assert valid.sum() == search.sum() and idx.shape[1] % 4 == 0
