@@ -4,7 +4,10 @@ Simulated AR(1) and AR(2) calcium traces (sparse exponential spikes, baseline 1,
 given the true g and sn. OASIS: `oasis.functions.deconvolve(y, g, sn, penalty=1, optimize_g=0)` in a Python loop over
 the same traces, same run (one process, as its documentation runs it), and the same loop split over --procs worker
 processes (as a user could do by hand). jaxcnmf splits its batch over the cores with threads (`deconvolve_batch`'s
-`threads`). Prints traces/s of each and the ratio (jaxcnmf / OASIS), plus a batch-scaling curve for
+`threads`). Each of the three is timed --repeats times, in turn (jaxcnmf, OASIS, OASIS on processes, then again),
+and the median time of each is reported: single runs on this shared 2-core VM moved OASIS's two-process rate
+between 660 and 807 traces/s from one run to the next. Prints traces/s of each and the ratio (jaxcnmf / OASIS), plus
+a batch-scaling curve for
 jaxcnmf (traces/s vs number of traces, at fewer frames per trace), and appends rows to experiments/RESULTS.md.
 
     python experiments/bench_deconv_speed.py            # 2,000 x 10,000 frames; curve 1..10,000 traces x 1,000 frames
@@ -111,6 +114,7 @@ def main(argv=None) -> int:
                     help="time OASIS AR(2) on this many traces only and scale (0 = all)")
     ap.add_argument("--procs", type=int, default=len(os.sched_getaffinity(0)),
                     help="also time OASIS split over this many processes (default: the available cores; 1 = skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each solver, in turn; the median is reported")
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--note", default="", help="appended to each row (e.g. CPU contention)")
@@ -129,25 +133,36 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         deconvolve_batch(Y[:chunk], np.asarray(g), SN).s.block_until_ready()  # compile (and warm up)
         t_compile = time.perf_counter() - t0
-        t_jax, s_jax = run_jax(Y, g, chunk)
         n_oasis = N if (len(g) == 1 or args.oasis_max_ar2 == 0) else min(N, args.oasis_max_ar2)
-        t_oasis, s_oasis = run_oasis(Y, g, n_oasis)
+        times = {"jax": [], "oasis": [], "par": []}
+        for _ in range(max(1, args.repeats)):  # in turn, so that a slow spell of the machine hits all three alike
+            t, s_jax = run_jax(Y, g, chunk)
+            times["jax"].append(t)
+            t, s_oasis = run_oasis(Y, g, n_oasis)
+            times["oasis"].append(t)
+            if args.procs > 1:
+                t, s_par = run_oasis_parallel(Y, g, n_oasis, args.procs)
+                assert np.allclose(s_par, s_oasis)
+                times["par"].append(t)
+        t_jax, t_oasis = float(np.median(times["jax"])), float(np.median(times["oasis"]))
         rate_jax, rate_oasis = N / t_jax, n_oasis / t_oasis
         corr = median_corr(s_jax[:n_oasis], s_oasis)
         scaled = "" if n_oasis == N else f" (OASIS timed on {n_oasis} of them)"
+        spread = lambda ts, n: "-".join(f"{n / t:.0f}" for t in (max(ts), min(ts)))  # noqa: E731
+        reps = f"median of {len(times['jax'])} runs each"
         par = ""
         if args.procs > 1:
-            t_par, s_par = run_oasis_parallel(Y, g, n_oasis, args.procs)
-            assert np.allclose(s_par, s_oasis)
-            rate_par = n_oasis / t_par
-            par = f"; vs OASIS on {args.procs} processes {rate_par:.1f} traces/s: **{rate_jax / rate_par:.2f}x**"
+            rate_par = n_oasis / float(np.median(times["par"]))
+            par = (f"; vs OASIS on {args.procs} processes {rate_par:.1f} traces/s (runs "
+                   f"{spread(times['par'], n_oasis)}): **{rate_jax / rate_par:.2f}x**")
         print(f"{name}: jaxcnmf {rate_jax:8.1f} traces/s ({t_jax:.1f} s, compile {t_compile:.1f} s, "
               f"{deconv._n_blocks(chunk, None)} threads) | OASIS 1 process {rate_oasis:8.1f} traces/s{scaled} | "
-              f"ratio {rate_jax / rate_oasis:.2f}x{par} | median spike corr {corr:.4f}")
+              f"ratio {rate_jax / rate_oasis:.2f}x{par} | median spike corr {corr:.4f} | {reps}")
         rows.append((f"deconv speed {name} {N}x{T} constrained+baseline",
-                     f"jaxcnmf {rate_jax:.1f} traces/s ({deconv._n_blocks(chunk, None)} threads) vs OASIS 1 process "
-                     f"{rate_oasis:.1f} traces/s{scaled}: **{rate_jax / rate_oasis:.2f}x**{par}; median spike corr "
-                     f"{corr:.3f}; compile {t_compile:.0f} s{note}"))
+                     f"jaxcnmf {rate_jax:.1f} traces/s ({deconv._n_blocks(chunk, None)} threads; runs "
+                     f"{spread(times['jax'], N)}) vs OASIS 1 process {rate_oasis:.1f} traces/s (runs "
+                     f"{spread(times['oasis'], n_oasis)}){scaled}: **{rate_jax / rate_oasis:.2f}x**{par}; {reps}; "
+                     f"median spike corr {corr:.3f}; compile {t_compile:.0f} s{note}"))
     if not args.no_curve:
         g = KERNELS["AR(1)"]
         pts = []

@@ -378,8 +378,9 @@ def test_gradients_match_finite_differences(g, lam):
 
 
 def _check_nested_equals_frame_level(Y, g, sn):
-    """`deconvolve_batch` (whose AR(1) search nests pool structures under the shared lane bound) gives the certified
-    optimum, equal to the frame-level search of a plain vmap (no shared lane bound, so never nested), in float64."""
+    """`deconvolve_batch` (whose AR(1) search nests pool structures under the shared lane bound, and whose evaluation
+    takes (b, lam) from that search) gives the certified optimum, equal to the frame-level search and evaluation of a
+    plain vmap (no shared lane bound, so never nested), in float64."""
     sns = np.full(len(Y), sn)
     with jax.enable_x64(True):
         out = deconvolve_batch(Y, np.array(g), sns)
