@@ -37,7 +37,8 @@ How it is solved:
    solution map on the final active set (implicit differentiation), including lam's and b's dependence on y, never the
    iterations. A batch (`deconvolve_batch`, `deconvolve_rows`) evaluates AR(1) solutions and exact AR(2) supports for
    all its rows at once with frames along the first axis (`_evaluate_ar1`, `_evaluate_ar2`), where each step of a
-   recursion or banded solve reads a contiguous row.
+   recursion or banded solve reads a contiguous row. `deconvolve_batch`, whose inputs are concrete, takes an AR(1)
+   solution's (b, lam) from the nested search's last step instead of solving for them again (no gradient there).
 
 AR(1) pool merging is exact. For AR(2) a pool's values also depend on the calcium before it, so greedy merging (the
 rule of Friedrich et al. 2017) is only close; here it is a warm start for an exact primal-dual active-set method on
@@ -358,14 +359,6 @@ def _linear_recurrence(a, b, reverse=False):
     return jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse, unroll=_UNROLL)[1]
 
 
-def _on_pools_ar1(xs, starts, pinned, ker: _Kernel, length):
-    """`_on_pools` for AR(1): `_pool_projection_ar1` on each column of `xs` as a batch of one trace."""
-    col = lambda v: jnp.reshape(v, (1,))
-    M = _pool_projection_ar1(tuple(xs[:, k : k + 1] for k in range(xs.shape[1])), starts[:, None], col(pinned),
-                             col(ker.g1), col(length))
-    return jnp.concatenate(M, axis=1)
-
-
 def _pool_projection_ar1(cols, starts, pinned, g, length):
     """M u for AR(1) pool structures of N traces, in time-major layout: each column u of `cols` projected onto its
     trace's pools' decaying kernels (pools are independent for AR(1): no scatter or gather).
@@ -422,8 +415,11 @@ def _on_pools(xs: Float[Array, "T m"], starts, pinned, ker: _Kernel, length) -> 
     """
     T = xs.shape[0]
     t = jnp.arange(T)
-    if ker.ar1:
-        return _on_pools_ar1(xs, starts, pinned, ker, length)
+    if ker.ar1:  # `_pool_projection_ar1` on each column as a batch of one trace
+        col = lambda v: jnp.reshape(v, (1,))  # noqa: E731
+        M = _pool_projection_ar1(tuple(xs[:, k : k + 1] for k in range(xs.shape[1])), starts[:, None], col(pinned),
+                                 col(ker.g1), col(length))
+        return jnp.concatenate(M, axis=1)
     t0 = jax.lax.cummax(jnp.where(starts, t, 0))  # start of the pool holding t
     k = t - t0
     nxt = jax.lax.cummin(jnp.where(starts, t, length)[::-1])[::-1]  # first start >= t
