@@ -356,9 +356,10 @@ def fit(movie: Any, neuron_radius: float | None = None, *, fps: float | None = N
     with _small_pages():
         Y = _read_whole(movie, source)
     prog.done("read movie", f"{T} frames of {H}x{W}")
-    if not all(np.isfinite(Y[t : t + 64]).all() for t in range(0, T, 64)):  # io guarantees it: a second guard
+    lo, hi = _frame_range(Y, source)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):  # io guarantees it: a second guard
         raise MovieError(f"{name}: the movie holds NaN or infinite values; pass nonfinite='repair' to interpolate them")
-    if float(Y.max()) == float(Y.min()):
+    if float(lo.min()) == float(hi.max()):
         return empty_result((T, H, W), prm)
     owned = [Y]
     del Y  # `_fit_owned` drops the (T, H, W) movie once it has the (pixels, frames) copy
@@ -375,6 +376,16 @@ def _read_whole(movie, source) -> np.ndarray:
     if isinstance(movie, np.ndarray) and movie.dtype == np.float32 and clean:
         return movie
     return np.asarray(source.read(), np.float32)
+
+
+def _frame_range(Y: np.ndarray, source) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's minimum and maximum, `(T,)` each: those `open_movie`'s scan recorded when the source had no
+    non-finite frame (`Y` is then the source's frames as float32, and casting keeps every frame's extremes), else
+    two reductions of `Y` (a repaired movie)."""
+    clean = source.nonfinite_frames is not None and len(source.nonfinite_frames) == 0
+    if clean and source.frame_range is not None and len(source.frame_range[0]) == len(Y):
+        return source.frame_range
+    return Y.min(axis=(1, 2)), Y.max(axis=(1, 2))
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:

@@ -74,6 +74,19 @@ def test_all_zero_movie_gives_zero_components():
     assert res.accepted.shape == (0,)
 
 
+def test_constant_movies_give_zero_components_from_the_scans_ranges_or_the_repaired_frames(no_heavy_work):
+    """A constant movie has no signal: zero components, whether the check reads the ranges `open_movie`'s scan
+    recorded (a clean float movie, uint16 read as float32) or the frames after repair (a NaN pixel interpolated)."""
+    for movie in (np.full((60, 24, 24), 5.0, np.float32), np.full((60, 24, 24), 7, np.uint16)):
+        assert fit(movie, 3.0).n_components == 0
+    movie = np.full((60, 24, 24), 5.0, np.float32)
+    movie[10, 3, 3] = np.nan
+    assert fit(movie, 3.0, nonfinite="repair").n_components == 0
+    movie[10, 3, 3] = 6.0  # one pixel off: not constant, and the range check sees it
+    with pytest.raises(AssertionError, match="heavy work started"):
+        fit(movie, 3.0)
+
+
 def test_params_are_frozen_documented_and_round_trip():
     prm = Params(neuron_radius=4.0)
     with pytest.raises(Exception):

@@ -314,6 +314,32 @@ def test_nonfinite_frames_named(tmp_path):
         io.open_movie(big)
 
 
+def test_scan_records_frame_ranges_and_flags_exactly_the_nonfinite_frames(tmp_path):
+    """The scan (per-frame min and max, chunk by chunk) flags the same frames as a per-pixel isfinite check of the
+    float32 frames, NaN, +-inf and float64 values beyond float32 alike, and records each frame's float32 range;
+    `fit` takes its checks from those ranges."""
+    rng = np.random.default_rng(3)
+    movie = rng.standard_normal((23, 5, 7)) * 10
+    movie[2, 1, 1] = np.nan
+    movie[9, 4, 6] = -np.inf
+    movie[15, 0, 3] = 1e39  # finite in float64, infinite in float32
+    movie[21, 3, 2] = 3e38  # still finite in float32
+    np.save(tmp_path / "m.npy", movie)
+    as32 = movie.astype(np.float32)
+    expected = np.flatnonzero(~np.isfinite(as32).all(axis=(1, 2)))
+    for chunk in (1, 4, 23):
+        src = io.open_movie(tmp_path / "m.npy", nonfinite="repair", check=False)
+        np.testing.assert_array_equal(src.scan_nonfinite(chunk), expected)
+        lo, hi = src.frame_range
+        ok = np.isfinite(as32).all(axis=(1, 2))
+        np.testing.assert_array_equal(lo[ok], as32[ok].min(axis=(1, 2)))
+        np.testing.assert_array_equal(hi[ok], as32[ok].max(axis=(1, 2)))
+    clean = io.open_movie(as32[ok])
+    assert len(clean.nonfinite_frames) == 0 and clean.frame_range[1].max() == np.float32(3e38)
+    assert io.open_movie(clean).frame_range is clean.frame_range  # carried over when re-opened
+    assert io.open_movie(np.zeros((4, 3, 3), np.uint16)).frame_range is None  # integers: nothing to scan
+
+
 def repair_reference(movie: np.ndarray) -> np.ndarray:
     """Per pixel, slow: np.interp over the finite samples (linear between, constant beyond the ends), 0 if none."""
     out = movie.astype(np.float64).copy()
