@@ -1097,7 +1097,7 @@ def _solve(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, *, b_free, c1_free, 
     **Returns:** a `DeconvResult`.
     """
     structure, b_guess, _ = _search(y, g, sn, b_fix, c1_fix, lam_fix, s_min, length, b_free=b_free, c1_free=c1_free,
-                                 lam_free=lam_free, max_iter=max_iter, exact2=exact2, convex=convex)
+                                    lam_free=lam_free, max_iter=max_iter, exact2=exact2, convex=convex)
     return _evaluate(y, g, sn, b_fix, c1_fix, lam_fix, length, structure, b_guess, b_free=b_free, c1_free=c1_free,
                      lam_free=lam_free, exact2=exact2)
 
