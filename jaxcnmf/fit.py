@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -429,8 +430,6 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
 
     **Returns:** `Yr` `(H*W, T)` jax array of Y's dtype, pixels in row-major order.
     """
-    import jax
-
     from ._threads import thread_map
 
     T, H, W = Y.shape
@@ -511,7 +510,6 @@ def _fit_owned(owned: list, prm: Params, prog: Progress | None = None) -> Result
 def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Result:
     """The body of `_fit_owned`."""
     Y = owned.pop()
-    import jax
 
     from .background import update_background
     from .init import greedy_init, sparse_nmf_init
@@ -557,7 +555,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
         A, b = update_spatial(Yr, A, C, b, f, sn_flat, radius=radius, shape=(H, W), method=prm.spatial_method,
                               compact=compact)
         A, norms = cleanup_footprints(A, (H, W), connected=compact, median=footprint_median(prm))
-        C = C * jnp.asarray(norms, C.dtype)[:, None]
+        C = _scale_rows(C, norms)
         A, C = _drop_degenerate(A, C)
         _stage_done(prog, f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
         if A.shape[1] == 0:
@@ -566,14 +564,12 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
         _stage_done(prog, f"background {it + 1}/{prm.n_iter}")
         tr = update_temporal(Yr, A, C, b, f, p=prm.p, n_sweeps=prm.temporal_sweeps, lam=prm.lam, s_min=prm.s_min)
         C, f = tr.C, tr.f
-        keep = np.flatnonzero(~degenerate_components(A, C))
-        A, C = A[:, keep], C[keep]
-        tr = _take_temporal(tr, keep)
+        A, C, tr = _keep(np.flatnonzero(~degenerate_components(A, C)), A, C, tr)
         _stage_done(prog, f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
         if it < prm.n_iter - 1 and A.shape[1] > 1:
             keep = np.flatnonzero(~redundant_components(A, C, prm))
             n_mix = A.shape[1] - keep.size
-            A, C = A[:, keep], C[keep]
+            A, C, _ = _keep(keep, A, C)
             mr = merge_components(A, C, thr=prm.merge_thr) if prm.merge_thr < 1 else None
             if mr is not None:
                 A, C = mr.A, mr.C
@@ -641,8 +637,28 @@ def redundant_components(A, C, prm: Params) -> np.ndarray:
 
 
 def _drop_degenerate(A, C):
-    keep = np.flatnonzero(~_degenerate(A, C))
-    return A[:, keep], C[keep]
+    A, C, _ = _keep(np.flatnonzero(~_degenerate(A, C)), A, C)
+    return A, C
+
+
+def _keep(keep: np.ndarray, A, C, tr=None):
+    """The components `keep` (increasing host indices) of `A` (d, K), `C` (K, T) and optionally a `TemporalResult`:
+    the inputs themselves when all are kept (the common case), else one compiled selection (eager indexing of each
+    array would be a program of its own to compile, or load from the cache, at a fit's first call)."""
+    if keep.size == A.shape[1]:
+        return A, C, tr
+    return _select_components(jax.device_put(np.asarray(keep, np.int32)), A, C, tr)
+
+
+@jax.jit
+def _scale_rows(C, norms):
+    """C with row k multiplied by norms[k] (the model A C unchanged after `cleanup_footprints` normalised A)."""
+    return C * norms.astype(C.dtype)[:, None]
+
+
+@jax.jit
+def _select_components(keep, A, C, tr):
+    return A[:, keep], C[keep], None if tr is None else _take_temporal(tr, keep)
 
 
 def _degenerate(A, C):
@@ -666,20 +682,31 @@ def _drop_and_refit_neighbours(Yr, A, C, b, f, tr, drop, prm):
 
     drop = np.asarray(drop, bool)
     keep = np.flatnonzero(~drop)
-    touched = np.flatnonzero((overlap_graph(A)[drop].any(axis=0) & ~drop)[keep])  # positions among the kept
-    A, C, tr = A[:, keep], C[keep], _take_temporal(tr, keep)
+    adj = overlap_graph(A)
+    touched = np.flatnonzero((adj[drop].any(axis=0) & ~drop)[keep])  # positions among the kept
+    A, C, tr = _keep(keep, A, C, tr)
     if touched.size == 0:
         return A, C, tr
     K = A.shape[1]
-    sub = color_components(np.asarray(A)[:, touched])  # indices into `touched`, padded with touched.size
-    groups = np.where(sub < touched.size, touched[np.minimum(sub, touched.size - 1)], K).astype(np.int32)
+    adj = adj[np.ix_(keep, keep)]
+    sub = color_components(None, adjacency=adj[np.ix_(touched, touched)])  # indices into `touched`, padded
+    # The groups are as wide as a colouring of all the kept components (the fit's own groups): the refit then runs
+    # the deconvolution compiled for the fit's iterations instead of tracing and compiling it for a few lanes
+    # (0.8 s of a cold 256x256x3000 fit, for ~0.1 s more work on the padding lanes).
+    width = max(sub.shape[1], color_components(None, adjacency=adj).shape[1])
+    groups = np.full((sub.shape[0], width), K, np.int32)
+    groups[:, : sub.shape[1]] = np.where(sub < touched.size, touched[np.minimum(sub, touched.size - 1)], K)
     new = update_temporal(Yr, A, C, b, f, g=tr.g, p=prm.p, groups=groups, n_sweeps=prm.temporal_sweeps,
                           update_f=False, lam=prm.lam, s_min=prm.s_min)
-    idx = jnp.asarray(touched)
-    pick = lambda old, upd: jnp.asarray(old).at[idx].set(jnp.asarray(upd)[idx])  # noqa: E731
-    tr = type(tr)(C=new.C, S=pick(tr.S, new.S), YrA=new.YrA, g=tr.g, baseline=pick(tr.baseline, new.baseline),
-                  c1=pick(tr.c1, new.c1), lam=pick(tr.lam, new.lam), f=tr.f, sn=pick(tr.sn, new.sn))
-    return A, new.C, tr
+    return A, new.C, _refitted(tr, new, jax.device_put(touched.astype(np.int32)))
+
+
+@jax.jit
+def _refitted(tr, new, idx):
+    """`tr` with the refitted components `idx` taken from `new` (C and YrA from `new` for all), in one program."""
+    pick = lambda old, upd: old.at[idx].set(upd[idx])  # noqa: E731
+    return type(tr)(C=new.C, S=pick(tr.S, new.S), YrA=new.YrA, g=tr.g, baseline=pick(tr.baseline, new.baseline),
+                    c1=pick(tr.c1, new.c1), lam=pick(tr.lam, new.lam), f=tr.f, sn=pick(tr.sn, new.sn))
 
 
 def _take_temporal(tr, keep):

@@ -749,6 +749,7 @@ def _greedy_background(Rp, static, b0, f0, *, pad, n_iter):
     return _hals_background(bM, Mf, b0, f0, n_iter)
 
 
+@partial(jax.jit, static_argnums=(1, 2))
 def _background_start(median: jax.Array, T: int, nb: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """b starts at the clipped median image (first column) plus small random maps; f starts flat (plus jitter)."""
     d = median.size
@@ -793,6 +794,11 @@ def unbin_traces(X, T: int, k: int) -> jax.Array:
     X = jnp.asarray(X)
     if int(k) == 1:
         return X
+    return _unbin(X, int(T), int(k))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _unbin(X, T: int, k: int) -> jax.Array:
     starts = np.arange(X.shape[1]) * k
     centres = jnp.asarray(0.5 * (starts + np.minimum(starts + k, T) - 1), X.dtype)
     t = jnp.arange(T, dtype=X.dtype)
@@ -939,23 +945,25 @@ def greedy_init(
     dtype = Y.dtype
 
     g_np, box_np = score_kernels(sigma, h)
-    g, box = jnp.asarray(g_np, dtype), jnp.asarray(box_np, dtype)
+    # host arrays go to the device with `device_put` and are sliced on the host: eager jnp conversions and slices
+    # are each a program of their own to compile (or load from the cache) at a process's first fit
+    g, box = jax.device_put(g_np.astype(dtype)), jax.device_put(box_np.astype(dtype))
     hb = h + g_np.size // 2
     pad = hb
 
     median, Rp, Bp, sn_b, Ep, Pp = _prepare(Y, g, box, pad=pad, n_smooth=n_smooth, n_slow=n_slow)
     sn_b = np.asarray(sn_b)
-    E = np.asarray(Ep[pad : pad + H, pad : pad + W])
-    P = np.asarray(Pp[pad : pad + H, pad : pad + W])
+    E = np.asarray(Ep)[pad : pad + H, pad : pad + W]
+    P = np.asarray(Pp)[pad : pad + H, pad : pad + W]
 
     w = 2 * h + 1
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
-    a0 = jnp.asarray(np.exp(-0.5 * (yy**2 + xx**2) / (max(r, 1.0) / 1.5) ** 2).ravel(), dtype)
+    a0 = jax.device_put(np.exp(-0.5 * (yy**2 + xx**2) / (max(r, 1.0) / 1.5) ** 2).ravel().astype(dtype))
     support = np.hypot(yy, xx) <= fit_radius
     hs = int(np.abs(yy[support]).max())  # the support's half-width; filter(a) reaches hs + hb - h
-    support = jnp.asarray(support.ravel())
-    inside = jnp.pad(jnp.ones((H, W), bool), pad)
-    snp = jnp.pad(jnp.asarray(sn_b), pad, constant_values=1.0)
+    support = jax.device_put(support.ravel())
+    inside = jax.device_put(np.pad(np.ones((H, W), bool), pad))
+    snp = jax.device_put(np.pad(sn_b, pad, constant_values=1.0).astype(dtype))
 
     excluded = np.zeros((H, W), bool)
     e = max(1, int(round(r / 2)))  # half-width of the square kept free of seeds around a dropped one
@@ -974,11 +982,11 @@ def greedy_init(
         centres = np.zeros((batch, 2), np.int32)
         centres[:n] = chosen
         valid = np.arange(batch) < n
-        centres = jnp.asarray(centres)
+        centres = jax.device_put(centres)
         ring_med = _ring_medians(Rp, centres, inside, h=h, pad=pad)
         Rp, Bp, a, c, q, kept = _greedy_round(
-            Rp, Bp, centres, jnp.asarray(valid), a0, support, inside, g, box, snp,
-            jnp.asarray(snr_stop, dtype), ring_med, h=h, hb=hb, hs=hs, pad=pad,
+            Rp, Bp, centres, jax.device_put(valid), a0, support, inside, g, box, snp,
+            np.asarray(snr_stop, dtype), ring_med, h=h, hb=hb, hs=hs, pad=pad,
             n_iter=int(max_iter_rank1), n_smooth=n_smooth, n_slow=n_slow,
         )
         kept = np.asarray(kept)
@@ -986,10 +994,11 @@ def greedy_init(
         # neurofinder_tr 32 of 134 seeds are dropped)
         touched = [rc for rc, k in zip(chosen, kept) if k]
         Ep, Pp = _rescore(Bp, Ep, Pp, touched, hf=hs + hb - h, pad=pad, n_smooth=n_smooth, n_slow=n_slow)
-        E = np.asarray(Ep[pad : pad + H, pad : pad + W])
-        P = np.asarray(Pp[pad : pad + H, pad : pad + W])
-        c = jnp.maximum(c - q[:, None], 0.0)  # the trace above its baseline; a q goes to the background
-        energy = np.asarray(jnp.sum(c * c, axis=1))
+        E = np.asarray(Ep)[pad : pad + H, pad : pad + W]
+        P = np.asarray(Pp)[pad : pad + H, pad : pad + W]
+        a, q = np.asarray(a), np.asarray(q)
+        c = np.maximum(np.asarray(c) - q[:, None], 0)  # the trace above its baseline; a q goes to the background
+        energy = np.sum(c * c, axis=1)
         for k, (r0, c0) in enumerate(chosen):
             if not (kept[k] and energy[k] > 0):  # no seed here again
                 excluded[max(0, r0 - e) : r0 + e + 1, max(0, c0 - e) : c0 + e + 1] = True
@@ -1003,17 +1012,17 @@ def greedy_init(
     Kf = len(found_rc)
     d = H * W
     if Kf:
-        A, centers = _embed_windows(np.asarray(jnp.stack(found_a)), found_rc, H, W)
-        A = jnp.asarray(A)
-        C = jnp.stack(found_c)
+        A, centers = _embed_windows(np.stack(found_a), found_rc, H, W)
+        C = np.stack(found_c)
     else:
-        A = jnp.zeros((d, 0), dtype)
-        C = jnp.zeros((0, T), dtype)
+        A = np.zeros((d, 0), dtype)
+        C = np.zeros((0, T), dtype)
         centers = np.zeros((0, 2), np.float32)
+    A, C = jax.device_put(A), jax.device_put(C)
 
     # Rp's interior is R - sum_k a_k (c_k + q_k)' and C holds max(c_k, 0), so Y - A C = Rp + median + A q up to the
     # clipped parts of C (small): the baselines a_k q_k are static images that the background absorbs
-    static = median + (A @ jnp.asarray(np.asarray(found_q, np.float32), dtype)).reshape(H, W) if Kf else median
+    static = _static_image(median, A, np.asarray(found_q, dtype).reshape(Kf)) if Kf else median
     del Bp, Ep, Pp  # the filtered movie is done with: free it before the background fit forms its (d, T) copy
     b0, f0 = _background_start(median, T, int(nb), key)
     b, f = _greedy_background(Rp, static, b0, f0, pad=pad, n_iter=int(n_iter_background))
@@ -1022,10 +1031,16 @@ def greedy_init(
         C=unbin_traces(C, T_full, tsub),
         b=b,
         f=unbin_traces(f, T_full, tsub),
-        centers=jnp.asarray(centers),
+        centers=jax.device_put(centers),
         median=median,
-        psnr=jnp.asarray(np.asarray(found_psnr, np.float32)),
+        psnr=jax.device_put(np.asarray(found_psnr, np.float32)),
     )
+
+
+@jax.jit
+def _static_image(median, A, q):
+    """The median image plus the components' baselines A q, (H, W)."""
+    return median + (A @ q).reshape(median.shape)
 
 
 # -------------------------------------------------------------------------------------------------- sparse NMF init

@@ -124,6 +124,7 @@ def _band_statistic(P: jax.Array, method: str) -> jax.Array:
     return jnp.mean(jnp.log(P), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
 def _finish_noise(stat: jax.Array, method: str) -> jax.Array:
     """sn = sqrt(avg P / 2) from the averaged statistic of `_band_statistic`."""
     avg = jnp.exp(stat + EULER_GAMMA) if method == "logmexp" else stat
@@ -493,7 +494,7 @@ def estimate_noise_movie(
             )
         total += weight * stat
     stat = total / (T / min(int(chunk_frames), T))
-    return np.asarray(_finish_noise(jnp.asarray(stat), method), np.float32)
+    return np.asarray(_finish_noise(stat, method), np.float32)
 
 
 def _name(movie) -> str:

@@ -108,7 +108,7 @@ def _spatial_consistency_local(Yr, A, C, b, f, idx, valid, *, n_top: int) -> jax
     neighbourhood) and top frames: the dense form multiplies the whole movie by the (T, K) frame weights (0.35 s of
     0.7 on 256x256x3000 with 155 components), where only a few hundred pixels x `n_top` frames per component enter
     its r-value. The same values up to float32 summation order."""
-    return _local_r(Yr, A, C, b, f, jnp.asarray(idx), jnp.asarray(valid), n_top=n_top)
+    return _local_r(Yr, A, C, b, f, jax.device_put(idx), jax.device_put(valid), n_top=n_top)
 
 
 @partial(jax.jit, static_argnames=("n_top",))
@@ -221,9 +221,7 @@ def evaluate_components(
     if neighbourhood.shape != (d, K):
         raise ParameterError(f"neighbourhood: expected a bool array of shape ({d}, {K}), got {neighbourhood.shape}.")
 
-    a2 = jnp.sum(A * A, axis=0)
-    floor = jnp.sqrt(jnp.sum(A * A * (sn * sn)[:, None], axis=0)) / jnp.where(a2 > 0, a2, 1.0)
-    snr = trace_snr(C + YrA, floor, n_consecutive=int(n_consecutive))
+    snr, nonempty = _trace_snrs(A, C, YrA, sn, n_consecutive=int(n_consecutive))
     lists = None
     if not any(isinstance(x, jax.core.Tracer) for x in (Yr, A, C, b, f, neighbourhood)):
         from .temporal import column_pixels
@@ -233,8 +231,17 @@ def evaluate_components(
         r = _spatial_consistency_local(Yr, A, C, b, f, *lists, n_top=n_top)
     else:
         r = spatial_consistency(Yr, A, C, b, f, neighbourhood, n_top=n_top)
-    return acceptance(snr, r, (a2 > 0) & (jnp.max(C, axis=1) > 0), min_snr=min_snr, rval_thr=rval_thr,
-                      snr_lowest=snr_lowest, rval_lowest=rval_lowest)
+    return acceptance(snr, r, nonempty, min_snr=min_snr, rval_thr=rval_thr, snr_lowest=snr_lowest,
+                      rval_lowest=rval_lowest)
+
+
+@partial(jax.jit, static_argnames=("n_consecutive",))
+def _trace_snrs(A, C, YrA, sn, *, n_consecutive: int):
+    """Each component's `trace_snr` against its footprint-weighted noise floor, and whether it is non-empty (a
+    non-zero footprint and trace), in one compiled program."""
+    a2 = jnp.sum(A * A, axis=0)
+    floor = jnp.sqrt(jnp.sum(A * A * (sn * sn)[:, None], axis=0)) / jnp.where(a2 > 0, a2, 1.0)
+    return trace_snr(C + YrA, floor, n_consecutive=n_consecutive), (a2 > 0) & (jnp.max(C, axis=1) > 0)
 
 
 def acceptance(snr, r_value, nonempty, *, min_snr: float = 2.5, rval_thr: float = 0.8, snr_lowest: float = 1.5,
@@ -246,7 +253,12 @@ def acceptance(snr, r_value, nonempty, *, min_snr: float = 2.5, rval_thr: float 
 
     **Returns:** `Quality` (snr and r-value set to 0 for empty or non-finite components, which are rejected).
     """
-    snr, r = jnp.asarray(snr), jnp.asarray(r_value)
-    ok = jnp.asarray(nonempty, bool) & jnp.isfinite(snr) & jnp.isfinite(r)
+    snr, r, nonempty = jnp.asarray(snr), jnp.asarray(r_value), jnp.asarray(nonempty, bool)
+    return _acceptance(snr, r, nonempty, min_snr, rval_thr, snr_lowest, rval_lowest)
+
+
+@jax.jit
+def _acceptance(snr, r, nonempty, min_snr, rval_thr, snr_lowest, rval_lowest) -> Quality:
+    ok = nonempty & jnp.isfinite(snr) & jnp.isfinite(r)
     accepted = ok & (((snr >= min_snr) & (r >= rval_lowest)) | ((r >= rval_thr) & (snr >= snr_lowest)))
     return Quality(snr=jnp.where(ok, snr, 0.0), r_value=jnp.where(ok, r, 0.0), accepted=accepted)

@@ -216,7 +216,7 @@ def noise_banded(stream, *, chunk_frames: int, method: str = "logmexp", freq_ran
             total += weight * np.asarray(_chunk_statistic(jnp.asarray(chunk), tuple(freq_range), method), np.float64)
         out.append(total / (T / L))
     stat = np.concatenate(out)
-    return np.asarray(_finish_noise(jnp.asarray(stat), method), np.float32)
+    return np.asarray(_finish_noise(stat, method), np.float32)
 
 
 def spatial_banded(stream, bands, A: sp.csc_matrix, C, b, f, sn, *, radius, shape, method, compact,

@@ -179,7 +179,7 @@ def cleanup_footprints(
         a, n = _cleanup_columns(crop.reshape(-1, 1), r1 - r0, c1 - c0, connected, min_weight, normalise, median)
         out[r0:r1, c0:c1, k] = a.reshape(r1 - r0, c1 - c0)
         norms[k] = n[0]
-    return jax.device_put(out.reshape(H * W, K)), jnp.asarray(norms, A_in.dtype)
+    return jax.device_put(out.reshape(H * W, K)), jax.device_put(norms.astype(np.dtype(A_in.dtype)))
 
 
 def _cleanup_columns(a: np.ndarray, H: int, W: int, connected: bool, min_weight: float, normalise: bool,
@@ -284,16 +284,34 @@ def candidate_statistics(Yr, C, b, f, search, idx, valid, slots, *, block: int =
     dt = Yr.dtype
     d, m = idx.shape
     K = search.shape[1]
-    F = jnp.concatenate([C, f], axis=0).astype(dt)
-    Qb, _, rr = _statistics(Yr, f.astype(dt), b.astype(dt), f.astype(dt), block=int(max(1, min(block, d))))
+    blk = int(max(1, min(block, d)))
     if K == 0 or not search.any():
-        return jnp.concatenate([jnp.zeros((d, m), dt), Qb], axis=1), F @ F.T, rr
+        return _background_statistics(Yr, C, b, f, m=m, block=blk)
     rows, cols = np.nonzero(valid)
     comp, pos = idx[rows, cols], slots[rows, cols]
     pix = np.zeros((K, bucket(int(np.bincount(comp, minlength=K).max(initial=1)))), np.int32)
     pix[comp, pos] = rows  # (K, P): each component's pixels in increasing order, then padding pixel 0 (never read)
-    Qk = _component_products(jnp.asarray(pix), Yr, C.astype(dt), b.astype(dt), f.astype(dt))
-    qc = jnp.where(jnp.asarray(valid), Qk[jnp.asarray(idx), jnp.asarray(slots)], 0)
+    put = lambda x, t: jax.device_put(np.asarray(x, t))  # noqa: E731  (host arrays: no conversion programs)
+    return _candidate_products(put(pix, np.int32), put(idx, np.int32), put(valid, bool), put(slots, np.int32), Yr,
+                               C.astype(dt), b.astype(dt), f.astype(dt), block=blk)
+
+
+@partial(jax.jit, static_argnames=("m", "block"))
+def _background_statistics(Yr, C, b, f, *, m, block):
+    """`candidate_statistics` when no pixel has a candidate: zero candidate entries."""
+    dt = Yr.dtype
+    F = jnp.concatenate([C, f], axis=0).astype(dt)
+    Qb, _, rr = _statistics(Yr, f.astype(dt), b.astype(dt), f.astype(dt), block=block)
+    return jnp.concatenate([jnp.zeros((Yr.shape[0], m), dt), Qb], axis=1), F @ F.T, rr
+
+
+@partial(jax.jit, static_argnames=("block",))
+def _candidate_products(pix, idx, valid, slots, Yr, C, b, f, *, block):
+    """The body of `candidate_statistics` after its host bookkeeping, in one compiled program."""
+    F = jnp.concatenate([C, f], axis=0)
+    Qb, _, rr = _statistics(Yr, f, b, f, block=block)
+    Qk = _component_products(pix, Yr, C, b, f)
+    qc = jnp.where(valid, Qk[idx, slots], 0)
     return jnp.concatenate([qc, Qb], axis=1), F @ F.T, rr
 
 
@@ -557,16 +575,16 @@ def update_spatial(
         raise ParameterError(f"search: expected a bool array of shape ({d}, {K}), got {search.shape}.")
     idx, valid, slots = _candidates(search)
     qs, G, rr = candidate_statistics(Yr, C, b, f, search, idx, valid, slots, block=block)
-    budget = sn * sn * T
     kw = dict(n_sweeps=int(n_iter), n_lambda=int(n_lambda), constrained=method == "constrained")
     some = valid.any(axis=1)
     if some.all():
-        return _solve_all(qs, G, rr, budget, jnp.asarray(idx), jnp.asarray(valid), A, b, **kw)
+        return _solve_all(qs, G, rr, sn * sn * T, jax.device_put(idx), jax.device_put(valid), A, b, **kw)
     # Pixels outside every search area have only the background terms left (no penalised weight, so their problem
     # is the nb-term non-negative least squares): solving them with m empty candidate slots cost as much as a real
     # pixel (57 % of the pixels of simulated 256x256 with 159 components, 0.6 of the 1.1 s per update). They are
     # solved as (d', nb) problems, the others as (d', m + nb); each set is padded to `pixel_bucket` rows (so that
-    # similar fits share compiled shapes) and gathered, solved and written back in one compiled call.
+    # similar fits share compiled shapes) and gathered, solved and written back in one compiled call (host arrays
+    # go in by `device_put`: an eager conversion or slice is a program of its own to compile at a first fit).
     A_new, b_new = None, b
     for rows, m in ((np.flatnonzero(some), idx.shape[1]), (np.flatnonzero(~some), 0)):
         if rows.size == 0:
@@ -574,20 +592,23 @@ def update_spatial(
         n = rows.size
         rows = np.concatenate([rows, np.full(pixel_bucket(n) - n, d)])  # padding: an index past the last pixel
         pick = lambda x: np.concatenate([x[rows[:n], :m], np.zeros((rows.size - n, m), x.dtype)])  # noqa: E731
-        A_r, b_new = _solve_rows(qs[:, idx.shape[1] - m :], G, rr, budget, jnp.asarray(rows), jnp.asarray(pick(idx)),
-                                 jnp.asarray(pick(valid)), A, b_new, write_A=bool(m), **kw)
+        A_r, b_new = _solve_rows(qs, G, rr, sn, T, jax.device_put(rows.astype(np.int32)),
+                                 jax.device_put(pick(idx)), jax.device_put(pick(valid)), A, b_new, write_A=bool(m), **kw)
         if m:
             A_new = A_r
     return (jnp.zeros((d, K), dtype) if A_new is None else A_new), b_new
 
 
 @partial(jax.jit, static_argnames=("write_A", "n_sweeps", "n_lambda", "constrained"))
-def _solve_rows(qs, G, rr, budget, rows, idx, valid, A, b, *, write_A, n_sweeps, n_lambda, constrained):
-    """`_solve_all` on the pixels `rows` (padded with the out-of-range index d: zero inputs, results dropped), in
-    one compiled call so that the gathered inputs and the scattered outputs need no extra whole-array copies.
+def _solve_rows(qs, G, rr, sn, T, rows, idx, valid, A, b, *, write_A, n_sweeps, n_lambda, constrained):
+    """`_solve_all` on the pixels `rows` (padded with the out-of-range index d: zero inputs, results dropped), with
+    their m = idx.shape[1] candidates (the last m of qs's candidate columns) and the noise budgets sn^2 T, in one
+    compiled call so that the gathered inputs and the scattered outputs need no extra whole-array copies.
     Returns the (d, K) footprints of these pixels (zero elsewhere; None unless `write_A`) and b with their rows
     replaced."""
     d, K = A.shape
+    qs = qs[:, qs.shape[1] - idx.shape[1] - b.shape[1] :]
+    budget = sn * sn * T
     get = lambda x: x.at[rows].get(mode="fill", fill_value=0)  # noqa: E731
     A_r, b_r = _solve_all(get(qs), G, get(rr), get(budget), idx, valid, get(A), get(b), n_sweeps=n_sweeps,
                           n_lambda=n_lambda, constrained=constrained)

@@ -246,10 +246,28 @@ def _start(AY, AA, Ab, C, f, g_fixed, sn_fixed, p):
 
 
 _start_jit = jax.jit(_start, static_argnums=(7,))
-_inputs_jit = jax.jit(_group_inputs, static_argnames=("p", "estimate_sn", "estimate_g"))
-_apply_jit = jax.jit(_group_apply)
-_f_step_jit = jax.jit(_f_step)
 _finish_jit = jax.jit(_finish)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "estimate_sn", "estimate_g", "n_parts"))
+def _inputs_jit(stats, state, idx, *, p, estimate_sn, estimate_g, n_parts):
+    """`_group_inputs` split into `n_parts` equal sets of lanes (one per thread): `(g, sn)` of the whole group and
+    the list of the parts' `(raw, g, sn)`. Splitting here, not by eager slices, keeps it one compiled program."""
+    raw, g, sn = _group_inputs(stats, state, idx, p=p, estimate_sn=estimate_sn, estimate_g=estimate_g)
+    w = idx.shape[0] // n_parts
+    return (g, sn), [(raw[i * w : (i + 1) * w], g[i * w : (i + 1) * w], sn[i * w : (i + 1) * w])
+                          for i in range(n_parts)]
+
+
+@jax.jit
+def _apply_jit(state, idx, g, sn, parts):
+    """`_group_apply` with the parts' deconvolutions joined (in one compiled program)."""
+    return _group_apply(state, idx, g, sn, jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts))
+
+
+@jax.jit
+def _f_step_jit(bY, Ab, bb, state):
+    return _f_step((bY, Ab.T, bb), state)
 
 
 @functools.lru_cache(maxsize=32)
@@ -268,28 +286,24 @@ def _update_temporal_threaded(
 
     K = C.shape[0]
     stats, state = _start_jit(AY, AA, Ab, C, f, g_fixed, sn_fixed, p)
-    stats_b = (bY, Ab.T, bb)
     deconv = _lane_deconv_jit(tuple(sorted(deconv_kw.items())))
     groups = np.asarray(groups)
     M = groups.shape[1]
     n_parts = max(1, min(int(threads), M))
     while M % n_parts:
         n_parts -= 1
-    w = M // n_parts
     with Pool(n_parts) as pool:
         for _ in range(n_sweeps):
             if update_f:
-                state = _f_step_jit(stats_b, state)
+                state = _f_step_jit(bY, Ab, bb, state)
             for row in groups:
                 if np.all(row == K):  # padding only
                     continue
-                idx = jnp.asarray(row)
-                raw, g, sn = _inputs_jit(stats, state, idx, p=p, estimate_sn=sn_fixed is None,
-                                         estimate_g=g_fixed is None)
-                parts = list(pool.map(lambda i: deconv(raw[i * w:(i + 1) * w], g[i * w:(i + 1) * w],
-                                                       sn[i * w:(i + 1) * w]), range(n_parts)))
-                res = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
-                state = _apply_jit(state, idx, g, sn, res)
+                idx = jax.device_put(row)
+                (g, sn), lanes = _inputs_jit(stats, state, idx, p=p, estimate_sn=sn_fixed is None,
+                                                estimate_g=g_fixed is None, n_parts=n_parts)
+                parts = list(pool.map(lambda part: deconv(*part), lanes))
+                state = _apply_jit(state, idx, g, sn, parts)
     return _finish_jit(AY, AA, Ab, state)
 
 
@@ -359,23 +373,39 @@ def update_temporal(
     A = jnp.asarray(A, dtype)
     b = jnp.asarray(b, dtype)
     Yr = jnp.asarray(Yr, dtype)
-    AY, bY = footprint_products(A, Yr), b.T @ Yr  # one pass over the movie each
-    pad = lambda x: None if x is None else jnp.pad(jnp.asarray(x, dtype), [(0, Kp - K)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
-    pad2 = lambda x: jnp.pad(x, [(0, Kp - K), (0, Kp - K)])  # noqa: E731
+    AY = footprint_products(A, Yr)
     deconv_kw = dict(lam=lam, s_min=s_min, baseline=baseline, c1=c1)
     traced = any(isinstance(x, jax.core.Tracer) for x in (Yr, A, C, b, f))
     if threads is None:
         from ._threads import host_threads
 
         threads = host_threads()
-    args = (pad(AY), pad2(A.T @ A), pad(A.T @ b), bY, b.T @ b, pad(jnp.asarray(C, dtype)), jnp.asarray(f, dtype),
-            jnp.asarray(groups), pad(None if g is None else np.asarray(g)),
-            pad(None if sn_trace is None else np.asarray(sn_trace)))
+    stats = _core_inputs(AY, A, b, Yr, jnp.asarray(C, dtype), jnp.asarray(f, dtype),
+                         None if g is None else jnp.asarray(g, dtype),
+                         None if sn_trace is None else jnp.asarray(sn_trace, dtype), Kp=Kp)
+    args = (*stats[:7], jax.device_put(groups), *stats[7:])  # AY, AA, Ab, bY, bb, C, f, groups, g, sn
     kw = dict(p=p, n_sweeps=n_sweeps, update_f=update_f, deconv_kw=deconv_kw)
     if threads > 1 and not traced and jax.default_backend() == "cpu":
         res = _update_temporal_threaded(*args, **kw, threads=int(threads))
     else:
         res = _update_temporal_core(*args, **kw)
+    return _unpad_result(res, K)
+
+
+@functools.partial(jax.jit, static_argnames=("Kp",))
+def _core_inputs(AY, A, b, Yr, C, f, g, sn, *, Kp):
+    """The temporal core's inputs, padded from K to Kp components, in one compiled program (no eager op per array:
+    each would be a program of its own to compile or load at a fit's first call): `(AY, A'A, A'b, b'Y, b'b, C, f,
+    g, sn)`, g and sn None when not given. b'Y is one pass over the movie."""
+    K = A.shape[1]
+    pad = lambda x: None if x is None else jnp.pad(x, [(0, Kp - K)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+    AA = jnp.pad(A.T @ A, [(0, Kp - K), (0, Kp - K)])
+    return pad(AY), AA, pad(A.T @ b), b.T @ Yr, b.T @ b, pad(C), f, pad(g), pad(sn)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _unpad_result(res, K: int) -> TemporalResult:
+    """The first K components of a padded `TemporalResult` (f is shared), in one compiled program."""
     return TemporalResult(C=res.C[:K], S=res.S[:K], YrA=res.YrA[:K], g=res.g[:K], baseline=res.baseline[:K],
                           c1=res.c1[:K], lam=res.lam[:K], f=res.f, sn=res.sn[:K])
 
@@ -402,7 +432,7 @@ def footprint_products(A: Float[Array, "d K"], Yr: Float[Array, "d T"]) -> Float
     if idx.shape[1] > d // 8:
         return jnp.asarray(A).T @ Yr
     vals = np.where(valid, np.take_along_axis(host.T, idx, axis=1), 0)  # padding: pixel 0 with weight 0
-    return _gather_products(jnp.asarray(idx), jnp.asarray(vals, Yr.dtype), Yr)
+    return _gather_products(jax.device_put(idx), jax.device_put(vals.astype(np.dtype(Yr.dtype))), Yr)
 
 
 def column_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

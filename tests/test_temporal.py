@@ -115,7 +115,7 @@ def test_recovers_true_traces_on_true_footprints(p):
     update_temporal(Y2, m2["A"], m2["C"], m2["b"], m2["f"], p=p, n_sweeps=2, threads=1)
     assert temporal._update_temporal_core._cached._cache_size() == n
     pieces = (temporal._start_jit, temporal._inputs_jit, temporal._apply_jit, temporal._f_step_jit,
-              temporal._finish_jit)
+              temporal._finish_jit, temporal._core_inputs, temporal._unpad_result)
     deconv = temporal._lane_deconv_jit(tuple(sorted(dict(lam=None, s_min=0.0, baseline=True, c1=True).items())))
     update_temporal(Y1, m["A"], np.zeros_like(m["C"]), m["b"], m["f"], p=p, n_sweeps=2, threads=2)
     sizes = [fn._cache_size() for fn in pieces + (deconv,)]
