@@ -160,14 +160,14 @@ def part_sim(args) -> dict:
                     f"true calcium {corr:.3f}, {t_s2p:.1f} s (run_s2p incl. TIFF->binary)")
     cache = cache_note()
     t0 = time.perf_counter()
-    res = fit(movie, radius, fps=truth.fps, progress=True)
+    res = fit(movie, radius, fps=truth.fps, progress=True, temporal_groups=args.temporal_groups)
     t_fit = time.perf_counter() - t0
     s = score_result(res, truth=truth, fps=truth.fps)
     row = dict(shape=f"{H}x{H}x{T}", n_true=s["n_true"], n_est=s["n_est"], precision=s["precision"],
                recall=s["recall"], f1=s["f1"], calcium=s["calcium_corr_median"], spike=s["spike_corr_median"],
                seconds=t_fit)
     print("jaxcnmf sim:", json.dumps(row), flush=True)
-    result = (f"{H}x{H}x{T}, {n} neurons, overlap 0.3, neuropil 0.3, AR(2), peak SNR {args.snr}: jaxcnmf F1 "
+    result = (f"{H}x{H}x{T}, {n} neurons, overlap 0.3, neuropil 0.3, AR(2), peak SNR {args.snr}: jaxcnmf{_order(args)} F1 "
               f"{s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}, {s['n_est']} components), median calcium "
               f"corr {s['calcium_corr_median']:.3f}, median spike corr (40 ms) {s['spike_corr_median']:.3f}, fit "
               f"{t_fit:.1f} s incl. JIT compilation (first fit in this process; {cache})")
@@ -198,7 +198,7 @@ def part_real(args) -> dict:
     fps = 7.0
     radius = args.real_radius
     t0 = time.perf_counter()
-    res = fit(movie, radius, fps=fps, progress=True)
+    res = fit(movie, radius, fps=fps, progress=True, temporal_groups=args.temporal_groups)
     t_fit = time.perf_counter() - t0
     regions = load_regions(os.path.join(REAL, "regions.json"), movie.shape[1:])
     acc = np.asarray(res.accepted, bool)
@@ -219,7 +219,7 @@ def part_real(args) -> dict:
                precision=m.precision, recall=m.recall, f1=m.f1, f1_all=m_all.f1, recall_all=m_all.recall,
                n_active_labels=int(active.sum()), recall_active=recall_active(m), seconds=t_fit, figure=fig)
     print("jaxcnmf real:", json.dumps(row))
-    result = (f"neurofinder_tr 256x256x600, radius {radius} px, fps 7: {acc.sum()} accepted of {res.n_components}; "
+    result = (f"neurofinder_tr 256x256x600, radius {radius} px, fps 7{_order(args)}: {acc.sum()} accepted of {res.n_components}; "
               f"vs {regions.shape[0]} labels P {m.precision:.3f} R {m.recall:.3f} F1 {m.f1:.3f} (all components: "
               f"P {m_all.precision:.3f} R {m_all.recall:.3f} F1 {m_all.f1:.3f}); recall of the {int(active.sum())} "
               f"labels active in these frames (`metrics.active_regions`) {recall_active(m):.3f}; {t_fit:.1f} s incl. "
@@ -258,7 +258,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(tool: str, H: int, T: int, n: int) -> dict:
+def worker(tool: str, H: int, T: int, n: int, groups: str = "disjoint") -> dict:
     """One scaling measurement in this (fresh) process: cold and warm fit time and peak RSS."""
     from jaxcnmf.sim import simulate
 
@@ -270,7 +270,7 @@ def worker(tool: str, H: int, T: int, n: int) -> dict:
         from jaxcnmf.fit import fit
 
         t0 = time.perf_counter()
-        res = fit(movie, radius, fps=truth.fps)
+        res = fit(movie, radius, fps=truth.fps, temporal_groups=groups)
         out["cold_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = fit(movie, radius, fps=truth.fps)
@@ -298,7 +298,8 @@ def part_scale(args) -> list[dict]:
     for tool in tools:
         for H, T in grid:
             n = max(3, int(round(density * H * H)))
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, str(H), str(T), str(n)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, str(H), str(T), str(n),
+                   args.temporal_groups]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:])
@@ -315,7 +316,8 @@ def part_scale(args) -> list[dict]:
         e_t = np.polyfit(np.log([r["T"] for r in by_t]), np.log([r["warm_s"] for r in by_t]), 1)[0]
         cells = ", ".join(f"{r['H']}x{r['H']}x{r['T']}: {r['warm_s']:.1f} s warm / {r['cold_s']:.1f} s cold, "
                           f"{r['peak_rss_mb']:.0f} MB" for r in sorted(rs, key=lambda r: (r["H"], r["T"])))
-        summary.append(f"{tool}: exponent vs pixels {e_px:.2f}, vs frames {e_t:.2f}; {cells}")
+        name = tool + (_order(args) if tool == "jaxcnmf" else "")
+        summary.append(f"{name}: exponent vs pixels {e_px:.2f}, vs frames {e_t:.2f}; {cells}")
         print(summary[-1])
     if "suite2p" in tools:
         big = [r for r in rows if r["H"] == sizes[-1] and r["T"] == frames[-1]]
@@ -333,6 +335,11 @@ def part_scale(args) -> list[dict]:
     return rows
 
 
+def _order(args) -> str:
+    """The temporal update order in a row's text when it is not fit's default."""
+    return "" if args.temporal_groups == "disjoint" else f" (temporal_groups={args.temporal_groups})"
+
+
 def cmdline(args) -> str:
     exe = sys.executable if "venv-bench" in sys.executable else "python"
     return f"{exe} experiments/bench_fit.py " + " ".join(sys.argv[1:])
@@ -341,7 +348,7 @@ def cmdline(args) -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         tool, H, T, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-        print(json.dumps(worker(tool, H, T, n)))
+        print(json.dumps(worker(tool, H, T, n, *sys.argv[6:7])))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -354,6 +361,8 @@ def main() -> int:
     ap.add_argument("--sim-neurons", type=int, default=None, help="neurons in the simulated movie (sim part)")
     ap.add_argument("--no-suite2p", action="store_true", help="skip suite2p in the scaling part")
     ap.add_argument("--no-record", action="store_true", help="do not append to experiments/RESULTS.md")
+    ap.add_argument("--temporal-groups", choices=("disjoint", "all"), default="disjoint",
+                    help="jaxcnmf's temporal update order (fit's temporal_groups; default disjoint, fit's default)")
     args = ap.parse_args()
     print("suite2p importable:", have_suite2p())
     parts = args.parts.split(",")

@@ -78,6 +78,18 @@ class Params:
       -> 0.892 / 0.858; with the duplicate check of `mixture_thr`'s entry added too, 256x256x3000 (150 neurons)
       F1 0.964 -> 0.970, calcium corr 0.992 -> 0.992, spike corr 0.882 -> 0.886.
     - `temporal_sweeps`: block-coordinate sweeps per temporal update (CaImAn `ITER`).
+    - `temporal_groups`: how the temporal update visits the components. "disjoint" (default; MATH.md, CaImAn):
+      groups of components whose footprints do not overlap, deconvolved one group after another, each seeing the
+      traces the groups before it just got (Gauss-Seidel block-coordinate descent: every group's update is exact
+      given the others, so the objective never rises). "all": every component at once from the same traces
+      (Jacobi; one batched deconvolution per update, which suits a GPU). Overlapping components then both answer
+      to the same residual, so a cell fitted twice gets two alike traces that the duplicate and merge checks
+      catch, where in sequence the first takes the signal and the second keeps a weak remainder. Measured
+      (2026-12-08, 2-core box, four simulated 256x256x3000 movies of 150 neurons, peak SNR 3-5): F1 0.970 / 0.983
+      / 0.963 / 0.968 with "disjoint" and 0.980 / 0.987 / 0.966 / 0.977 with "all" (1-4 fewer false components
+      each, calcium and spike correlations within +-0.004), neurofinder_tr F1 0.163 and 0.164, and the warm fit
+      ~5 % faster on the CPU (median 7.96-8.63 vs 8.44-9.05 s). No descent guarantee: a pair that overlaps
+      strongly may take a few more iterations to settle.
     - `background_iter`: HALS iterations per background update.
     - `s_min`: minimum spike size for the deconvolution (CaImAn `s_min`); 0 for the plain l1 problem.
     - `lam`: fixed sparsity weight of the deconvolution; `None` (default) meets each trace's noise constraint.
@@ -101,6 +113,7 @@ class Params:
     spatial_method: str = "hals"
     footprint_median: int | None = None
     temporal_sweeps: int = 1
+    temporal_groups: str = "disjoint"
     background_iter: int = 3
     s_min: float = 0.0
     lam: float | None = None
@@ -169,6 +182,8 @@ def check_params(prm: Params) -> None:
         bad("init", 'expected "greedy", "sparse_nmf" or "dendrite"')
     if prm.spatial_method not in ("constrained", "hals"):
         bad("spatial_method", 'expected "constrained" or "hals"')
+    if prm.temporal_groups not in ("disjoint", "all"):
+        bad("temporal_groups", 'expected "disjoint" (groups of non-overlapping components in turn) or "all"')
     if prm.lam is not None and (not _is_real(prm.lam) or prm.lam < 0):
         bad("lam", "expected None (noise-constrained) or a non-negative sparsity weight")
     if not _is_int(prm.seed):
@@ -562,7 +577,8 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
             break
         b, f = update_background(Yr, A, C, b, f, n_iter=prm.background_iter)
         _stage_done(prog, f"background {it + 1}/{prm.n_iter}")
-        tr = update_temporal(Yr, A, C, b, f, p=prm.p, n_sweeps=prm.temporal_sweeps, lam=prm.lam, s_min=prm.s_min)
+        tr = update_temporal(Yr, A, C, b, f, p=prm.p, groups=temporal_groups(A, prm), n_sweeps=prm.temporal_sweeps,
+                             lam=prm.lam, s_min=prm.s_min)
         C, f = tr.C, tr.f
         A, C, tr = _keep(np.flatnonzero(~degenerate_components(A, C)), A, C, tr)
         _stage_done(prog, f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
@@ -634,6 +650,14 @@ def redundant_components(A, C, prm: Params) -> np.ndarray:
         S = scipy.sparse.csc_matrix(np.asarray(A))[:, rest]
         drop[rest[duplicate_components(S, np.asarray(C)[rest])]] = True
     return drop
+
+
+def temporal_groups(A, prm: Params) -> np.ndarray | None:
+    """The groups the temporal update visits (`Params.temporal_groups`): None for "disjoint" (`update_temporal`
+    colours the components itself), one row of all K components for "all"."""
+    if prm.temporal_groups == "disjoint":
+        return None
+    return np.arange(A.shape[1], dtype=np.int32)[None]
 
 
 def _drop_degenerate(A, C):

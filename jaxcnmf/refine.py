@@ -289,12 +289,14 @@ def project_banded(stream, bands, A: sp.csc_matrix, b) -> np.ndarray:
 
 def temporal_banded(stream, bands, A: sp.csc_matrix, C, b, f, prm, g=None):
     """`temporal.update_temporal` on the whole field from [A b]'Y (one banded pass) and `compress_pixels` (exact)."""
+    from .fit import temporal_groups
     from .patches import compress_pixels
     from .temporal import color_components, update_temporal
 
     MY = project_banded(stream, bands, A, b)
     Yp, Ap, bp = compress_pixels(MY, A, b)
-    return update_temporal(Yp, Ap, C, bp, f, g=g, p=prm.p, groups=color_components(A),
+    groups = temporal_groups(A, prm)
+    return update_temporal(Yp, Ap, C, bp, f, g=g, p=prm.p, groups=color_components(A) if groups is None else groups,
                            n_sweeps=prm.temporal_sweeps, lam=prm.lam, s_min=prm.s_min)
 
 

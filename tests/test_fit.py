@@ -46,6 +46,7 @@ def no_heavy_work(monkeypatch):
         (dict(neuron_radius=3.0, tsub=50), "tsub"),  # 100 frames: bins of 50 leave 2
         (dict(neuron_radius=3.0, footprint_median=2), "footprint_median"),
         (dict(neuron_radius=3.0, footprint_median=0), "footprint_median"),
+        (dict(neuron_radius=3.0, temporal_groups="jacobi"), "temporal_groups"),
         (dict(neuron_radius=3.0, not_a_knob=1), "unknown fit parameter"),
     ],
 )
@@ -109,15 +110,17 @@ def test_footprint_median_default_follows_the_init():
     assert footprint_median(Params(neuron_radius=1.5, init="dendrite", footprint_median=5)) == 5
 
 
-def test_accuracy_on_simulated_movie_with_k_not_given():
-    """64x64x1000, 12 neurons (some overlapping), AR(2), peak SNR 4, neuropil: the reduced version of issue 4's goal."""
+@pytest.mark.parametrize("groups", ["disjoint", "all"])
+def test_accuracy_on_simulated_movie_with_k_not_given(groups):
+    """64x64x1000, 12 neurons (some overlapping), AR(2), peak SNR 4, neuropil: the reduced version of issue 4's goal,
+    with either order of the temporal update."""
     from jaxcnmf.metrics import score_result
     from jaxcnmf.sim import simulate
 
     movie, truth = simulate(seed=0, shape=(64, 64), n_frames=1000, n_neurons=12, overlap=0.2, peak_snr=4.0,
                             tau_rise=0.05, neuropil=0.3)
     assert truth.g.shape[1] == 2
-    res = fit(movie, float(truth.params["radius"]), fps=truth.fps)
+    res = fit(movie, float(truth.params["radius"]), fps=truth.fps, temporal_groups=groups)
     s = score_result(res, truth=truth, fps=truth.fps)
     print({k: s[k] for k in ("n_true", "n_est", "precision", "recall", "f1", "calcium_corr_median",
                              "spike_corr_median")})

@@ -36,6 +36,29 @@ def tiny_movie(seed=0, H=32, W=32, T=600, p=2, noise=0.25, centers=None, sigma=2
     return dict(Y=Y, A=A, C=C, S=S, b=b, f=f, g=np.tile(g, (K, 1)), shape=(H, W))
 
 
+def test_all_at_once_equals_disjoint_groups_without_overlaps_and_settles_with_them():
+    """groups of all components at once (Jacobi, `fit`'s temporal_groups="all"): for footprints that do not overlap
+    no raw trace depends on another component's trace, so one sweep equals the coloured groups' (Gauss-Seidel) sweep;
+    with an overlapping pair both orders reach the same fixed point after a few sweeps."""
+    far = tiny_movie(seed=2, centers=[(6, 6), (6, 24), (24, 6), (24, 24)], p=1, T=400)
+    Y = jnp.asarray(far["Y"], jnp.float32)
+    C0 = np.zeros_like(far["C"])
+    assert not overlap_graph(far["A"]).any()
+    one = np.arange(4, dtype=np.int32)[None]
+    kw = dict(p=1, g=far["g"], update_f=False, threads=1)
+    seq = update_temporal(Y, far["A"], C0, far["b"], far["f"], **kw)
+    jac = update_temporal(Y, far["A"], C0, far["b"], far["f"], groups=one, **kw)
+    np.testing.assert_allclose(np.asarray(jac.C), np.asarray(seq.C), rtol=1e-5, atol=1e-5)
+    m = tiny_movie(seed=2, p=1, T=400)  # the first two footprints overlap
+    Y = jnp.asarray(m["Y"], jnp.float32)
+    K = m["A"].shape[1]
+    kw = dict(p=1, g=m["g"], update_f=False, threads=1, n_sweeps=8, lam=0.5)  # a fixed lam: one objective
+    seq = update_temporal(Y, m["A"], m["C"], m["b"], m["f"], **kw)
+    jac = update_temporal(Y, m["A"], m["C"], m["b"], m["f"], groups=np.arange(K, dtype=np.int32)[None], **kw)
+    scale = float(np.abs(np.asarray(seq.C)).max())
+    np.testing.assert_allclose(np.asarray(jac.C), np.asarray(seq.C), atol=2e-3 * scale)
+
+
 def test_colouring_gives_disjoint_balanced_groups():
     rng = np.random.default_rng(0)
     d, K = 400, 40

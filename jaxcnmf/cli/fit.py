@@ -43,6 +43,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--spatial-method", choices=("constrained", "hals"), default=None,
                    help="footprint update: hals (default; keeps dim cells' footprints whole) or constrained (the "
                    "per-pixel noise-constrained sparse update)")
+    p.add_argument("--temporal-groups", choices=("disjoint", "all"), default=None,
+                   help="temporal update: groups of non-overlapping components in turn (default) or all at once")
     p.add_argument("--footprint-median", type=int, default=None,
                    help="median filter of each footprint in pixels, odd (CaImAn medw; default 3 for somata, 1 = "
                         "none for --init dendrite/sparse_nmf)")
@@ -81,7 +83,7 @@ def run(args) -> int:
     overrides = {k: v for k, v in dict(
         p=args.p, nb=args.nb, n_iter=args.n_iter, merge_thr=args.merge_thr, min_snr=args.min_snr,
         rval_thr=args.rval_thr, init=args.init, spatial_method=args.spatial_method, seed=args.seed,
-        footprint_median=args.footprint_median,
+        footprint_median=args.footprint_median, temporal_groups=args.temporal_groups,
     ).items() if v is not None}
     if args.repair_nonfinite:
         overrides["nonfinite"] = "repair"
