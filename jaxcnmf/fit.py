@@ -466,10 +466,12 @@ def _pixels_by_frames(Y, block: int = 1 << 22):
         return jax.device_put(Yr)
 
 
-def _stage_done(prog: Progress, stage: str, info: str = "") -> None:
-    """End of a fit stage: release the freed heap, then report."""
+def _stage_done(prog: Progress, stage: str, info: str = "", outputs=()) -> None:
+    """End of a fit stage: wait for its `outputs` (jax dispatches asynchronously: without the wait a stage's time
+    would show under the next one), release the freed heap, then report."""
     from .init import release_free_memory
 
+    jax.block_until_ready(outputs)
     release_free_memory()
     prog.done(stage, info)
 
@@ -561,7 +563,8 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
     A, C = _drop_degenerate(A, C)
     capped = prm.K is None and prm.init == "greedy" and A.shape[1] >= k_max
     _stage_done(prog, "initialise",
-                f"{A.shape[1]} components" + (" (stopped at the safeguard bound; pass K)" if capped else ""))
+                f"{A.shape[1]} components" + (" (stopped at the safeguard bound; pass K)" if capped else ""),
+                (Yr, A, C, b, f))
 
     tr = None
     for it in range(prm.n_iter):
@@ -572,16 +575,16 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
         A, norms = cleanup_footprints(A, (H, W), connected=compact, median=footprint_median(prm))
         C = _scale_rows(C, norms)
         A, C = _drop_degenerate(A, C)
-        _stage_done(prog, f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
+        _stage_done(prog, f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components", (A, C, b))
         if A.shape[1] == 0:
             break
         b, f = update_background(Yr, A, C, b, f, n_iter=prm.background_iter)
-        _stage_done(prog, f"background {it + 1}/{prm.n_iter}")
+        _stage_done(prog, f"background {it + 1}/{prm.n_iter}", outputs=(b, f))
         tr = update_temporal(Yr, A, C, b, f, p=prm.p, groups=temporal_groups(A, prm), n_sweeps=prm.temporal_sweeps,
                              lam=prm.lam, s_min=prm.s_min)
         C, f = tr.C, tr.f
         A, C, tr = _keep(np.flatnonzero(~degenerate_components(A, C)), A, C, tr)
-        _stage_done(prog, f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components")
+        _stage_done(prog, f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components", (A, C, tr))
         if it < prm.n_iter - 1 and A.shape[1] > 1:
             keep = np.flatnonzero(~redundant_components(A, C, prm))
             n_mix = A.shape[1] - keep.size
@@ -590,7 +593,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
             if mr is not None:
                 A, C = mr.A, mr.C
             _stage_done(prog, f"merge {it + 1}/{prm.n_iter}", f"{0 if mr is None else len(mr.groups)} merges, {n_mix} "
-                      f"mixtures or duplicates dropped, {A.shape[1]} components")
+                        f"mixtures or duplicates dropped, {A.shape[1]} components", (A, C))
         else:
             _stage_done(prog, f"merge {it + 1}/{prm.n_iter}", "skipped")
 
@@ -599,7 +602,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
     mixed = redundant_components(A, C, prm)
     if mixed.any():  # the last iteration can leave mixtures or duplicates: drop them, refit the neighbours' traces
         A, C, tr = _drop_and_refit_neighbours(Yr, A, C, b, f, tr, mixed, prm)
-    _stage_done(prog, "final check", f"{int(mixed.sum())} mixtures or duplicates dropped")
+    _stage_done(prog, "final check", f"{int(mixed.sum())} mixtures or duplicates dropped", (A, C, tr))
 
     q = evaluate_components(Yr, A, C, b, f, sn_flat, tr.YrA, fps=prm.fps, min_snr=prm.min_snr,
                             rval_thr=prm.rval_thr, shape=(H, W), radius=radius)
