@@ -38,21 +38,22 @@ def tiny_movie(seed=0, H=32, W=32, T=600, p=2, noise=0.25, centers=None, sigma=2
 
 def test_all_at_once_equals_disjoint_groups_without_overlaps_and_settles_with_them():
     """groups of all components at once (Jacobi, `fit`'s temporal_groups="all"): for footprints that do not overlap
-    no raw trace depends on another component's trace, so one sweep equals the coloured groups' (Gauss-Seidel) sweep;
+    no raw trace depends on another component's trace, so its sweeps equal the coloured groups' (Gauss-Seidel) sweeps;
     with an overlapping pair both orders reach the same fixed point after a few sweeps."""
+    # every call below has the same padded shapes and options: one compiled sweep serves them all
+    kw = dict(p=1, update_f=False, threads=1, n_sweeps=8, lam=0.5)  # a fixed lam: one objective
     far = tiny_movie(seed=2, centers=[(6, 6), (6, 24), (24, 6), (24, 24)], p=1, T=400)
     Y = jnp.asarray(far["Y"], jnp.float32)
     C0 = np.zeros_like(far["C"])
     assert not overlap_graph(far["A"]).any()
     one = np.arange(4, dtype=np.int32)[None]
-    kw = dict(p=1, g=far["g"], update_f=False, threads=1)
-    seq = update_temporal(Y, far["A"], C0, far["b"], far["f"], **kw)
-    jac = update_temporal(Y, far["A"], C0, far["b"], far["f"], groups=one, **kw)
+    seq = update_temporal(Y, far["A"], C0, far["b"], far["f"], g=far["g"], **kw)
+    jac = update_temporal(Y, far["A"], C0, far["b"], far["f"], g=far["g"], groups=one, **kw)
     np.testing.assert_allclose(np.asarray(jac.C), np.asarray(seq.C), rtol=1e-5, atol=1e-5)
     m = tiny_movie(seed=2, p=1, T=400)  # the first two footprints overlap
     Y = jnp.asarray(m["Y"], jnp.float32)
     K = m["A"].shape[1]
-    kw = dict(p=1, g=m["g"], update_f=False, threads=1, n_sweeps=8, lam=0.5)  # a fixed lam: one objective
+    kw["g"] = m["g"]
     seq = update_temporal(Y, m["A"], m["C"], m["b"], m["f"], **kw)
     jac = update_temporal(Y, m["A"], m["C"], m["b"], m["f"], groups=np.arange(K, dtype=np.int32)[None], **kw)
     scale = float(np.abs(np.asarray(seq.C)).max())
