@@ -167,7 +167,8 @@ def part_sim(args) -> dict:
                recall=s["recall"], f1=s["f1"], calcium=s["calcium_corr_median"], spike=s["spike_corr_median"],
                seconds=t_fit)
     print("jaxcnmf sim:", json.dumps(row), flush=True)
-    result = (f"{H}x{H}x{T}, {n} neurons, overlap 0.3, neuropil 0.3, AR(2), peak SNR {args.snr}: jaxcnmf{_order(args)} F1 "
+    result = (f"{H}x{H}x{T}, {n} neurons, overlap 0.3, neuropil 0.3, AR(2), peak SNR {args.snr}: "
+              f"jaxcnmf{_order(args)} F1 "
               f"{s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f}, {s['n_est']} components), median calcium "
               f"corr {s['calcium_corr_median']:.3f}, median spike corr (40 ms) {s['spike_corr_median']:.3f}, fit "
               f"{t_fit:.1f} s incl. JIT compilation (first fit in this process; {cache})")
@@ -219,7 +220,8 @@ def part_real(args) -> dict:
                precision=m.precision, recall=m.recall, f1=m.f1, f1_all=m_all.f1, recall_all=m_all.recall,
                n_active_labels=int(active.sum()), recall_active=recall_active(m), seconds=t_fit, figure=fig)
     print("jaxcnmf real:", json.dumps(row))
-    result = (f"neurofinder_tr 256x256x600, radius {radius} px, fps 7{_order(args)}: {acc.sum()} accepted of {res.n_components}; "
+    result = (f"neurofinder_tr 256x256x600, radius {radius} px, fps 7{_order(args)}: {acc.sum()} accepted of "
+              f"{res.n_components}; "
               f"vs {regions.shape[0]} labels P {m.precision:.3f} R {m.recall:.3f} F1 {m.f1:.3f} (all components: "
               f"P {m_all.precision:.3f} R {m_all.recall:.3f} F1 {m_all.f1:.3f}); recall of the {int(active.sum())} "
               f"labels active in these frames (`metrics.active_regions`) {recall_active(m):.3f}; {t_fit:.1f} s incl. "

@@ -530,7 +530,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
 
     from .background import update_background
     from .init import greedy_init, sparse_nmf_init
-    from .merge import degenerate_components, merge_components
+    from .merge import merge_components
     from .noise import estimate_noise_movie
     from .quality import evaluate_components
     from .spatial import cleanup_footprints, update_spatial
@@ -560,7 +560,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
     del Y
     A, C = jnp.asarray(ini.A, jnp.float32), jnp.asarray(ini.C, jnp.float32)
     b, f = jnp.asarray(ini.b, jnp.float32), jnp.asarray(ini.f, jnp.float32)
-    A, C = _drop_degenerate(A, C)
+    A, C, _ = _drop_degenerate(A, C)
     capped = prm.K is None and prm.init == "greedy" and A.shape[1] >= k_max
     _stage_done(prog, "initialise",
                 f"{A.shape[1]} components" + (" (stopped at the safeguard bound; pass K)" if capped else ""),
@@ -574,7 +574,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
                               compact=compact)
         A, norms = cleanup_footprints(A, (H, W), connected=compact, median=footprint_median(prm))
         C = _scale_rows(C, norms)
-        A, C = _drop_degenerate(A, C)
+        A, C, _ = _drop_degenerate(A, C)
         _stage_done(prog, f"spatial {it + 1}/{prm.n_iter}", f"{A.shape[1]} components", (A, C, b))
         if A.shape[1] == 0:
             break
@@ -583,7 +583,7 @@ def _fit_stages(owned: list, prm: Params, prog: Progress | None = None) -> Resul
         tr = update_temporal(Yr, A, C, b, f, p=prm.p, groups=temporal_groups(A, prm), n_sweeps=prm.temporal_sweeps,
                              lam=prm.lam, s_min=prm.s_min)
         C, f = tr.C, tr.f
-        A, C, tr = _keep(np.flatnonzero(~degenerate_components(A, C)), A, C, tr)
+        A, C, tr = _drop_degenerate(A, C, tr)
         _stage_done(prog, f"temporal {it + 1}/{prm.n_iter}", f"{A.shape[1]} components", (A, C, tr))
         if it < prm.n_iter - 1 and A.shape[1] > 1:
             keep = np.flatnonzero(~redundant_components(A, C, prm))
@@ -663,9 +663,11 @@ def temporal_groups(A, prm: Params) -> np.ndarray | None:
     return np.arange(A.shape[1], dtype=np.int32)[None]
 
 
-def _drop_degenerate(A, C):
-    A, C, _ = _keep(np.flatnonzero(~_degenerate(A, C)), A, C)
-    return A, C
+def _drop_degenerate(A, C, tr=None):
+    """`_keep` of the components that are not degenerate (`merge.degenerate_components`)."""
+    from .merge import degenerate_components
+
+    return _keep(np.flatnonzero(~degenerate_components(A, C)), A, C, tr)
 
 
 def _keep(keep: np.ndarray, A, C, tr=None):
@@ -685,13 +687,7 @@ def _scale_rows(C, norms):
 
 @jax.jit
 def _select_components(keep, A, C, tr):
-    return A[:, keep], C[keep], None if tr is None else _take_temporal(tr, keep)
-
-
-def _degenerate(A, C):
-    from .merge import degenerate_components
-
-    return degenerate_components(A, C)
+    return A[:, keep], C[keep], None if tr is None else tr.select(keep)
 
 
 def _drop_and_refit_neighbours(Yr, A, C, b, f, tr, drop, prm):
@@ -734,9 +730,3 @@ def _refitted(tr, new, idx):
     pick = lambda old, upd: old.at[idx].set(upd[idx])  # noqa: E731
     return type(tr)(C=new.C, S=pick(tr.S, new.S), YrA=new.YrA, g=tr.g, baseline=pick(tr.baseline, new.baseline),
                     c1=pick(tr.c1, new.c1), lam=pick(tr.lam, new.lam), f=tr.f, sn=pick(tr.sn, new.sn))
-
-
-def _take_temporal(tr, keep):
-    """Select components `keep` of a `TemporalResult` (the background trace `f` is shared and kept)."""
-    return type(tr)(C=tr.C[keep], S=tr.S[keep], YrA=tr.YrA[keep], g=tr.g[keep], baseline=tr.baseline[keep],
-                    c1=tr.c1[keep], lam=tr.lam[keep], f=tr.f, sn=tr.sn[keep])

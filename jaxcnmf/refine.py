@@ -382,7 +382,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
 
     **Returns:** the whole-field `Result` (same layout and ordering as `fit`'s).
     """
-    from .fit import _take_temporal, empty_result, footprint_median
+    from .fit import empty_result, footprint_median
     from .patches import _FIT_BASE, Streamer, chunk_frames_for_budget, parse_memory_budget, relieve_memory
 
     T, H, W = source.shape
@@ -431,7 +431,7 @@ def refine(source, start, prm, *, chunk_frames: int | None = None, memory_budget
         C, f = np.asarray(tr.C), np.asarray(tr.f)
         keep = np.flatnonzero(~_degenerate(A, C))
         A, C = A[:, keep], C[keep]
-        tr = _take_temporal(tr, keep)
+        tr = tr.select(keep)
         note(f"refine {it + 1}/{n_iter}: temporal update, {A.shape[1]} components")
         if it < n_iter - 1 and prm.merge_thr < 1 and A.shape[1] > 1:
             groups = merge_groups_sparse(A, C, prm.merge_thr)

@@ -285,33 +285,28 @@ def candidate_statistics(Yr, C, b, f, search, idx, valid, slots, *, block: int =
     d, m = idx.shape
     K = search.shape[1]
     blk = int(max(1, min(block, d)))
-    if K == 0 or not search.any():
-        return _background_statistics(Yr, C, b, f, m=m, block=blk)
-    rows, cols = np.nonzero(valid)
-    comp, pos = idx[rows, cols], slots[rows, cols]
-    pix = np.zeros((K, bucket(int(np.bincount(comp, minlength=K).max(initial=1)))), np.int32)
-    pix[comp, pos] = rows  # (K, P): each component's pixels in increasing order, then padding pixel 0 (never read)
-    put = lambda x, t: jax.device_put(np.asarray(x, t))  # noqa: E731  (host arrays: no conversion programs)
-    return _candidate_products(put(pix, np.int32), put(idx, np.int32), put(valid, bool), put(slots, np.int32), Yr,
-                               C.astype(dt), b.astype(dt), f.astype(dt), block=blk)
+    lists = None  # no pixel has a candidate: zero candidate entries
+    if K and search.any():
+        rows, cols = np.nonzero(valid)
+        comp, pos = idx[rows, cols], slots[rows, cols]
+        pix = np.zeros((K, bucket(int(np.bincount(comp, minlength=K).max(initial=1)))), np.int32)
+        pix[comp, pos] = rows  # (K, P): each component's pixels in increasing order, then padding pixel 0 (never read)
+        put = lambda x, t: jax.device_put(np.asarray(x, t))  # noqa: E731  (host arrays: no conversion programs)
+        lists = (put(pix, np.int32), put(idx, np.int32), put(valid, bool), put(slots, np.int32))
+    return _candidate_products(lists, Yr, C.astype(dt), b.astype(dt), f.astype(dt), m=m, block=blk)
 
 
 @partial(jax.jit, static_argnames=("m", "block"))
-def _background_statistics(Yr, C, b, f, *, m, block):
-    """`candidate_statistics` when no pixel has a candidate: zero candidate entries."""
-    dt = Yr.dtype
-    F = jnp.concatenate([C, f], axis=0).astype(dt)
-    Qb, _, rr = _statistics(Yr, f.astype(dt), b.astype(dt), f.astype(dt), block=block)
-    return jnp.concatenate([jnp.zeros((Yr.shape[0], m), dt), Qb], axis=1), F @ F.T, rr
-
-
-@partial(jax.jit, static_argnames=("block",))
-def _candidate_products(pix, idx, valid, slots, Yr, C, b, f, *, block):
-    """The body of `candidate_statistics` after its host bookkeeping, in one compiled program."""
+def _candidate_products(lists, Yr, C, b, f, *, m, block):
+    """The body of `candidate_statistics` after its host bookkeeping, in one compiled program: `lists` is
+    `(pix, idx, valid, slots)`, or None for zero candidate entries (m of them per pixel)."""
     F = jnp.concatenate([C, f], axis=0)
     Qb, _, rr = _statistics(Yr, f, b, f, block=block)
-    Qk = _component_products(pix, Yr, C, b, f)
-    qc = jnp.where(valid, Qk[idx, slots], 0)
+    if lists is None:
+        qc = jnp.zeros((Yr.shape[0], m), Yr.dtype)
+    else:
+        pix, idx, valid, slots = lists
+        qc = jnp.where(valid, _component_products(pix, Yr, C, b, f)[idx, slots], 0)
     return jnp.concatenate([qc, Qb], axis=1), F @ F.T, rr
 
 
@@ -592,8 +587,8 @@ def update_spatial(
         n = rows.size
         rows = np.concatenate([rows, np.full(pixel_bucket(n) - n, d)])  # padding: an index past the last pixel
         pick = lambda x: np.concatenate([x[rows[:n], :m], np.zeros((rows.size - n, m), x.dtype)])  # noqa: E731
-        A_r, b_new = _solve_rows(qs, G, rr, sn, T, jax.device_put(rows.astype(np.int32)),
-                                 jax.device_put(pick(idx)), jax.device_put(pick(valid)), A, b_new, write_A=bool(m), **kw)
+        sel = (jax.device_put(rows.astype(np.int32)), jax.device_put(pick(idx)), jax.device_put(pick(valid)))
+        A_r, b_new = _solve_rows(qs, G, rr, sn, T, *sel, A, b_new, write_A=bool(m), **kw)
         if m:
             A_new = A_r
     return (jnp.zeros((d, K), dtype) if A_new is None else A_new), b_new

@@ -50,6 +50,12 @@ class TemporalResult(eqx.Module):
     f: Float[Array, "nb T"]
     sn: Float[Array, " K"]
 
+    def select(self, keep) -> "TemporalResult":
+        """The components `keep` (an index array or a slice) of every per-component field; `f` (shared) is kept."""
+        return TemporalResult(C=self.C[keep], S=self.S[keep], YrA=self.YrA[keep], g=self.g[keep],
+                              baseline=self.baseline[keep], c1=self.c1[keep], lam=self.lam[keep], f=self.f,
+                              sn=self.sn[keep])
+
 
 def overlap_graph(A: np.ndarray) -> np.ndarray:
     """Which pairs of components share at least one pixel: the graph `A'A > 0` (host-side, numpy).
@@ -406,8 +412,7 @@ def _core_inputs(AY, A, b, Yr, C, f, g, sn, *, Kp):
 @functools.partial(jax.jit, static_argnums=(1,))
 def _unpad_result(res, K: int) -> TemporalResult:
     """The first K components of a padded `TemporalResult` (f is shared), in one compiled program."""
-    return TemporalResult(C=res.C[:K], S=res.S[:K], YrA=res.YrA[:K], g=res.g[:K], baseline=res.baseline[:K],
-                          c1=res.c1[:K], lam=res.lam[:K], f=res.f, sn=res.sn[:K])
+    return res.select(slice(None, K))
 
 
 def footprint_products(A: Float[Array, "d K"], Yr: Float[Array, "d T"]) -> Float[Array, "K T"]:
