@@ -61,9 +61,9 @@ class Params:
       rank-1 components found until no event is left above the noise; `neuron_radius` is then the process width in
       pixels); "sparse_nmf" and "dendrite" also make the spatial update non-compact (search areas follow each
       footprint's shape, no clean-up to one connected blob).
-    - `tsub`: frames averaged per bin for the greedy initialisation (CaImAn `tsub`); None (default) bins by the
-      frames its peak score averages (3, or 0.1 s of frames when `fps` is given) once at least 200 bins remain,
-      1 turns binning off (see `init.greedy_init`). The updates after it always use every frame.
+    - `tsub`: frames averaged per bin for the greedy initialisation (CaImAn `tsub`); None (default) bins by 0.2 s
+      of frames when `fps` is given, at least the frames its peak score averages (3, or 0.1 s of frames), while at
+      least 200 bins remain (`init.default_tsub`); 1 turns binning off. The updates after it always use every frame.
     - `spatial_method`: "hals" (default: non-negative least squares by HALS sweeps on each search area) or
       "constrained" (per-pixel noise-constrained sparse fit). HALS is the default since the greedy init finds the dim
       cells of real recordings: on neurofinder_tr the constrained fit breaks their footprints into speckles that no

@@ -78,6 +78,11 @@ def test_bin_frames_and_unbin_traces_against_plain_loops():
         np.testing.assert_allclose(out[i], np.interp(np.arange(11), centres, X[i]), rtol=1e-6)
     assert out.shape == (2, 11) and out.min() >= 0
     assert default_tsub(3000, 3) == 3 and default_tsub(400, 3) == 1 and default_tsub(3000, 1) == 1
+    # with a frame rate: 0.2 s of frames, at least n_smooth, fewer while under 200 bins would be left
+    assert default_tsub(3000, 3, fps=30.0) == 6 and default_tsub(3000, 6, fps=60.0) == 12
+    assert default_tsub(600, 3, fps=7.0) == 3  # 0.2 s is 1.4 frames: n_smooth decides
+    assert default_tsub(1000, 3, fps=30.0) == 5 and default_tsub(600, 3, fps=30.0) == 3  # 200 bins at least
+    assert default_tsub(500, 3, fps=30.0) == 1 and default_tsub(3000, 1, fps=None) == 1
 
 
 def test_greedy_on_binned_frames_finds_the_same_neurons(small_sim):
