@@ -464,7 +464,7 @@ def _candidates(search: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     **Returns:** `(idx, valid, slots)`, each (d, m).
     """
     d, K = search.shape
-    pix, comp = np.nonzero(search)  # by pixel, then component
+    pix, comp = np.divmod(np.flatnonzero(search), K)  # by pixel, then component (the 2-D np.nonzero is slower)
     counts = np.bincount(pix, minlength=d)
     m = int(counts.max(initial=0))
     m = max(4, 4 * (-(-m // 4)))

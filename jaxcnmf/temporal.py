@@ -468,7 +468,11 @@ def column_pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     P = bucket(int(counts.max(initial=1)))
     idx = np.zeros((K, P), np.int32)
     valid = np.zeros((K, P), bool)
-    comp, rows = np.nonzero(mask.T)  # by component, then pixel
+    # by component, then pixel: the flat scan of the (d, K) layout (by pixel, then component) and a stable sort by
+    # component (the 2-D `np.nonzero(mask.T)` took 41 ms for 256x256 x 150, this 8 ms)
+    rows, comp = np.divmod(np.flatnonzero(mask), K)
+    order = np.argsort(comp, kind="stable")
+    comp, rows = comp[order], rows[order]
     slot = np.arange(comp.size) - np.repeat(np.cumsum(counts) - counts, counts)
     idx[comp, slot] = rows
     valid[comp, slot] = True
