@@ -88,7 +88,7 @@ def test_constrained_matches_dense_reference(solved):
         y, sn = d["Y"][i, :L], d["sns"][i]
         ref = R.constrained_nnls(y, d["g"], sn)
         out = d["out"]
-        assert float(np.sum(out.s[i])) == pytest.approx(ref["obj"], rel=1e-6)
+        assert float(np.sum(np.asarray(out.s[i]))) == pytest.approx(ref["obj"], rel=1e-6)
         assert float(out.b[i]) == pytest.approx(ref["b"], rel=1e-5, abs=1e-7)
         assert float(out.lam[i]) == pytest.approx(ref["lam"], rel=1e-5)
         np.testing.assert_allclose(np.asarray(out.c[i, :L]), ref["c"], atol=1e-5 * np.ptp(y))
@@ -181,7 +181,7 @@ def test_penalized_matches_dense_reference(g, fixed):
     ref = R.penalized_nnls(y, g, lam, b=0.7 if fixed else None, c1_free=not fixed)
     c = np.asarray(out.c)
     r = y - float(out.b) - c
-    obj = 0.5 * r @ r + lam * float(np.sum(out.s))
+    obj = 0.5 * r @ r + lam * float(np.sum(np.asarray(out.s)))
     assert obj == pytest.approx(ref["obj"], rel=1e-7)
     np.testing.assert_allclose(c, ref["c"], atol=1e-5)
     assert float(out.lam) == lam
