@@ -578,10 +578,9 @@ def _cross_patch_groups(A, C, patch, thr) -> list[list[int]]:
     import scipy.sparse.csgraph
 
     from .merge import trace_correlation
+    from .temporal import overlap_graph
 
-    support = scipy.sparse.csc_matrix(A != 0, dtype=np.float32)
-    overlap = (support.T @ support).toarray() > 0
-    linked = overlap & (trace_correlation(C) > thr) & (patch[:, None] != patch[None, :])
+    linked = overlap_graph(A) & (trace_correlation(C) > thr) & (patch[:, None] != patch[None, :])
     np.fill_diagonal(linked, False)
     if not linked.any():
         return []
